@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	# deepspeed is an sdist that must see the torch above, hence no build isolation
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q -e '.[test]'
+	# build DeepSpeed's CPU shared-memory comm op now, once, instead of in the first test
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
 
 demo: venv
