@@ -1,0 +1,260 @@
+"""The synthetic SSv2 generator: exact SSv2 layout and JSON schema, VP9 clips with SSv2's
+format, determinism (also across worker counts), appearance that does not give the class
+away, and motion that does, measured on decoded frames."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from sharding import synthetic
+from sharding.ssv2 import NUM_CLASSES, TEMPLATES, template_key
+from sharding.synthetic import LABELS_DIR, VIDEO_DIR, WIDTHS, generate
+
+# Left/right, up/down pushes and camera pans: the motion checks below need each of them.
+CLASSES = [93, 94, 45, 43, 166, 167]
+PUSH_RIGHT, PUSH_LEFT, MOVE_UP, MOVE_DOWN, CAMERA_LEFT, CAMERA_RIGHT = CLASSES
+SMALL = dict(seed=3, classes=CLASSES, train_per_class=2, val_per_class=1, test_count=2, min_seconds=2.0, max_seconds=3.0)
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("synthetic") / "ssv2", workers=1, progress=False, **SMALL)
+
+
+def _load(root: Path, name: str):
+    return json.loads((root / LABELS_DIR / name).read_text())
+
+
+def _labelled(root: Path) -> list[dict]:
+    return _load(root, "train.json") + _load(root, "validation.json")
+
+
+@functools.lru_cache(maxsize=64)
+def _decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _label_id(labels: dict[str, str], annotation: dict) -> int:
+    return int(labels[template_key(annotation["template"])])
+
+
+def test_layout_and_json_schema(small_root: Path) -> None:
+    label_files = sorted(p.name for p in (small_root / LABELS_DIR).iterdir())
+    assert label_files == ["labels.json", "test.json", "train.json", "validation.json"]
+    labels = _load(small_root, "labels.json")
+    assert list(labels) == list(TEMPLATES) and list(labels.values()) == [str(i) for i in range(NUM_CLASSES)]
+
+    ids: list[str] = []
+    for split, per_class in (("train.json", 2), ("validation.json", 1)):
+        entries = _load(small_root, split)
+        assert len(entries) == per_class * len(CLASSES)
+        counts = {c: 0 for c in CLASSES}
+        for entry in entries:
+            assert list(entry) == ["id", "label", "template", "placeholders"]
+            assert "[" in entry["template"] and template_key(entry["template"]) in labels
+            counts[_label_id(labels, entry)] += 1
+            assert len(entry["placeholders"]) == entry["template"].count("[") >= 1
+            filled = entry["template"]
+            for name in entry["placeholders"]:
+                filled = re.sub(r"\[[^\]]*\]", name, filled, count=1)
+            assert entry["label"] == filled.lower()
+            ids.append(entry["id"])
+        assert set(counts.values()) == {per_class}
+    test = _load(small_root, "test.json")
+    assert len(test) == 2 and all(list(entry) == ["id"] for entry in test)
+    ids += [entry["id"] for entry in test]
+
+    assert all(i.isdigit() for i in ids) and len(set(ids)) == len(ids)
+    assert sorted(p.name for p in (small_root / VIDEO_DIR).iterdir()) == sorted(f"{i}.webm" for i in ids)
+
+
+def test_clips_have_ssv2_video_format(small_root: Path) -> None:
+    for path in sorted((small_root / VIDEO_DIR).glob("*.webm")):
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            assert container.format.name.split(",")[0] in ("matroska", "webm")
+            assert stream.codec_context.name in ("vp9", "libvpx-vp9")
+            assert (stream.height, stream.average_rate) == (240, 12)
+            assert stream.width in WIDTHS
+            seconds = container.duration / 1e6
+            frames = sum(1 for _ in container.decode(video=0))
+        assert 2.0 - 1 / 12 <= seconds <= 3.0 + 1 / 12, path.name
+        assert abs(frames - seconds * 12) <= 1, path.name
+
+
+def test_same_seed_gives_same_dataset_whatever_the_workers(small_root: Path, tmp_path: Path) -> None:
+    again = generate(tmp_path / "again", workers=2, progress=False, **SMALL)
+    for name in ("labels.json", "train.json", "validation.json", "test.json"):
+        assert (again / LABELS_DIR / name).read_bytes() == (small_root / LABELS_DIR / name).read_bytes()
+    clips = sorted((small_root / VIDEO_DIR).glob("*.webm"))
+    assert sorted(p.name for p in (again / VIDEO_DIR).iterdir()) == [p.name for p in clips]
+    for path in clips:
+        assert (again / VIDEO_DIR / path.name).read_bytes() == path.read_bytes(), path.name
+    for path in clips[:3]:  # equal bytes already imply equal frames; decode a few to show it
+        np.testing.assert_array_equal(_decode(again / VIDEO_DIR / path.name), _decode(path))
+
+
+def test_another_seed_gives_another_dataset(small_root: Path, tmp_path: Path) -> None:
+    one_clip = dict(classes=[PUSH_RIGHT], train_per_class=1, val_per_class=0, test_count=0)
+    other = generate(tmp_path / "other", workers=1, progress=False, **{**SMALL, **one_clip, "seed": 4})
+    ours = [e for e in _load(small_root, "train.json") if e["template"] == "Pushing [something] from left to right"][0]
+    theirs = _load(other, "train.json")[0]
+    assert theirs != ours
+    frames_ours = _decode(small_root / VIDEO_DIR / f"{ours['id']}.webm")
+    frames_theirs = _decode(other / VIDEO_DIR / f"{theirs['id']}.webm")
+    assert frames_ours.shape != frames_theirs.shape or not np.array_equal(frames_ours, frames_theirs)
+
+
+PLAN_REST = dict(seed=0, val_per_class=0, test_count=0, min_seconds=2, max_seconds=6, fps=12, height=240)
+
+
+def test_appearance_is_drawn_without_the_class() -> None:
+    plan = synthetic.plan_clips(classes=[93], train_per_class=1, **PLAN_REST)[0]
+    for label in synthetic.DEFAULT_CLASSES:
+        relabelled = synthetic.ClipPlan(**{**plan.__dict__, "label": label})
+        assert synthetic.placeholders(relabelled) == synthetic.placeholders(plan)
+    # Over many planned clips every class meets most colours and shapes.
+    plans = synthetic.plan_clips(classes=synthetic.DEFAULT_CLASSES, train_per_class=60, **PLAN_REST)
+    for label in synthetic.DEFAULT_CLASSES:
+        looks = [synthetic.placeholders(p)[0].split() for p in plans if p.label == label]
+        assert len({colour for colour, _ in looks}) >= 9 and len({shape for _, shape in looks}) == len(synthetic.SHAPES)
+
+
+def test_mean_colour_does_not_predict_the_class(small_root: Path) -> None:
+    """Leave-one-out nearest neighbour on each clip's mean RGB: far from a perfect classifier."""
+    labels = _load(small_root, "labels.json")
+    entries = _labelled(small_root)
+    colours = np.stack([_decode(small_root / VIDEO_DIR / f"{e['id']}.webm").reshape(-1, 3).mean(0) for e in entries])
+    classes = np.array([_label_id(labels, e) for e in entries])
+    distances = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+    np.fill_diagonal(distances, np.inf)
+    accuracy = float((classes[distances.argmin(1)] == classes).mean())
+    assert accuracy < 0.5, f"mean colour predicts the class for {accuracy:.0%} of clips"
+
+
+def _moving_centroids(frames: np.ndarray) -> np.ndarray:
+    """(x, y) centre of the pixels that change between consecutive frames, per frame pair."""
+    gray = frames.astype(np.float32).mean(-1)
+    centres = []
+    for diff in np.abs(np.diff(gray, axis=0)):
+        ys, xs = np.nonzero(diff > 25)
+        if len(xs) > 20:
+            centres.append((xs.mean(), ys.mean()))
+    return np.array(centres)
+
+
+def _scene_shift(frames: np.ndarray) -> np.ndarray:
+    """Total (dx, dy) translation of the whole picture, summed over frame pairs, by phase
+    correlation (meaningful when everything moves together, as in a camera pan)."""
+    gray = frames.astype(np.float32).mean(-1)
+    h, w = gray.shape[1:]
+    total = np.zeros(2)
+    gray = gray[::2]  # every other frame: half the FFTs, shifts still far below half the frame
+    for a, b in zip(gray[:-1], gray[1:]):
+        cross = np.fft.fft2(b) * np.conj(np.fft.fft2(a))
+        peak = np.unravel_index(np.argmax(np.abs(np.fft.ifft2(cross / (np.abs(cross) + 1e-6)))), (h, w))
+        dy, dx = (p if p <= n // 2 else p - n for p, n in zip(peak, (h, w)))
+        total += (dx, dy)
+    return total
+
+
+def _still_fraction(frames: np.ndarray) -> float:
+    """Share of pixels that look the same in the first and the last frame."""
+    gray = frames.astype(np.float32).mean(-1)
+    return float((np.abs(gray[-1] - gray[0]) < 12).mean())
+
+
+def test_motion_is_visible_in_decoded_frames(small_root: Path) -> None:
+    labels = _load(small_root, "labels.json")
+    for entry in _labelled(small_root):
+        label = _label_id(labels, entry)
+        frames = _decode(small_root / VIDEO_DIR / f"{entry['id']}.webm")
+        h, w = frames.shape[1:3]
+        if label in (CAMERA_LEFT, CAMERA_RIGHT):
+            # The whole scene slides: turning the camera left moves it right, and vice versa.
+            assert _still_fraction(frames) < 0.5, entry["label"]
+            direction = 1 if label == CAMERA_LEFT else -1
+            assert direction * _scene_shift(frames)[0] > 0.2 * w, entry["label"]
+            continue
+        # The object moves over a still background: most of the picture does not change...
+        assert _still_fraction(frames) > 0.8, entry["label"]
+        # ...and what changes between frames travels the way the template says.
+        centres = _moving_centroids(frames)
+        third = len(centres) // 3
+        travel = centres[-third:].mean(0) - centres[:third].mean(0)
+        expected = {PUSH_RIGHT: (0, 1), PUSH_LEFT: (0, -1), MOVE_DOWN: (1, 1), MOVE_UP: (1, -1)}
+        axis, sign = expected[label]
+        assert sign * travel[axis] > 0.1 * (w, h)[axis], (entry["label"], travel)
+
+
+@pytest.mark.parametrize("label", sorted(synthetic.MOTIONS))
+def test_every_supported_template_renders_its_motion(label: int) -> None:
+    plan = synthetic.ClipPlan(
+        video_id="1", split="train", label=label, seed=0, index=0, width=352, height=240, fps=12, num_frames=36
+    )
+    track = synthetic.make_track(plan)
+    motion = synthetic.MOTIONS[label]
+    first, last = slice(0, 6), slice(-6, None)
+    screen_x = 176 + (track.obj_x[:, 0] - track.cam_x) * track.zoom
+    if motion.kind in ("translate", "pan"):
+        dx, dy = motion.direction
+        screen_y = 120 + (track.obj_y[:, 0] - track.cam_y) * track.zoom
+        moved = (screen_x[last].mean() - screen_x[first].mean(), screen_y[last].mean() - screen_y[first].mean())
+        assert dx * moved[0] + dy * moved[1] > 30
+        camera_moved = np.ptp(track.cam_x) + np.ptp(track.cam_y)
+        assert (camera_moved > 30) == (motion.kind == "pan")
+    elif motion.kind == "scale":
+        assert motion.direction[0] * np.log(track.obj_scale[-1, 0] / track.obj_scale[0, 0]) > 0.4
+    elif motion.kind == "zoom":
+        assert motion.direction[0] * np.log(track.zoom[-1] / track.zoom[0]) > 0.4
+    elif motion.kind in ("spin", "spin_stop"):
+        turned = np.abs(track.obj_angle[-1, 0] - track.obj_angle[0, 0])
+        if motion.kind == "spin":
+            assert turned > 2 * np.pi
+        else:  # a fraction of a turn, then (nearly) still
+            assert turned > 1.0 and np.abs(np.diff(track.obj_angle[-6:, 0])).max() < 0.1
+    elif motion.kind == "pair":
+        gap = np.hypot(track.obj_x[:, 1] - track.obj_x[:, 0], track.obj_y[:, 1] - track.obj_y[:, 0])
+        assert motion.direction[0] * (gap[-1] - gap[0]) > 0.2 * 352
+    else:  # still: a hand tremor of a few pixels at most
+        assert np.ptp(track.obj_x[:, 0]) < 5 and np.ptp(track.obj_y[:, 0]) < 5 and np.ptp(track.cam_x) == 0
+    frames = synthetic.render_clip(plan)
+    assert frames.shape == (36, 240, 352, 3) and frames.dtype == np.uint8 and frames.std() > 10
+
+
+def test_classes_by_id_or_template_and_clear_errors(tmp_path: Path) -> None:
+    assert synthetic.resolve_classes(["93", "Pushing [something] from right to left", "holding something"]) == (93, 94, 16)
+    with pytest.raises(ValueError, match="no synthetic motion"):
+        synthetic.resolve_classes([5])
+    with pytest.raises(ValueError, match="not an SSv2 template"):
+        synthetic.resolve_classes(["Juggling something"])
+    tiny = dict(classes=[16], train_per_class=1, val_per_class=0, test_count=0, min_seconds=0.5, max_seconds=0.5)
+    out = generate(tmp_path / "d", workers=1, progress=False, **tiny)
+    with pytest.raises(FileExistsError, match="already holds a dataset"):
+        generate(out, workers=1, progress=False, **tiny)
+    generate(out, workers=1, progress=False, overwrite=True, **{**tiny, "classes": [139]})
+    assert _load(out, "train.json")[0]["template"] == "Spinning [something] so it continues spinning"
+    assert len(list((out / VIDEO_DIR).iterdir())) == 1
+
+
+def test_cli_help_and_run(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        synthetic.main(["--help"])
+    help_text = capsys.readouterr().out
+    options = ("--out", "--seed", "--classes", "--train-per-class", "--val-per-class", "--test", "--workers", "--min-seconds")
+    for option in options:
+        assert option in help_text
+    sizes = ["--train-per-class", "1", "--val-per-class", "1", "--test", "1", "--min-seconds", "0.5", "--max-seconds", "1"]
+    code = synthetic.main(["--out", str(tmp_path / "cli"), "--classes", "139", *sizes, "--workers", "1"])
+    summary = capsys.readouterr().out
+    assert code == 0 and "1 train / 1 validation / 1 test" in summary and str(tmp_path / "cli") in summary
+    assert len(list((tmp_path / "cli" / VIDEO_DIR).glob("*.webm"))) == 3
+    assert synthetic.main(["--out", str(tmp_path / "bad"), "--classes", "5"]) == 2
