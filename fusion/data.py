@@ -1,0 +1,673 @@
+"""The streaming data pipeline: WebDataset shards (a local folder or ``s3://bucket/prefix``)
+to batches of uint8 clips ``[B, T, 3, H, W]``, split over ranks and loader workers.
+
+Start reading at :func:`train_loader` and :func:`val_loader`; :class:`ShardSet` opens a shard
+folder through its ``manifest.json`` (written by ``sharding.make_shards``).
+
+How an epoch is planned (the whole order is decided up front, from the manifest alone, so
+every rank takes the same decisions without talking to the others):
+
+1. **Shard order.** The shard list is shuffled with ``(seed, epoch)``; its samples, in order,
+   form one global sequence of ``num_samples`` positions. Every rank computes the same one
+   (shuffling after the node split gave ranks different orders: WebDataset #233).
+2. **Rank split by samples, not by shards.** Each rank takes ``L * batch_size`` consecutive
+   positions, ``L = num_samples // (world_size * batch_size)`` (the tail that does not fill a
+   batch on every rank is dropped, a different tail every epoch). Ranks therefore get exactly
+   the same number of batches, also when there are fewer shards than ranks x workers: two
+   ranks simply read different sample ranges of one shard (WebDataset #225, #188, #68; no
+   ``with_epoch``/``resampled`` needed: #379, #303, #440).
+3. **Lanes.** A rank's batches are dealt round-robin to ``lanes = max(1, num_workers)``
+   lanes: batch ``i`` belongs to lane ``i % lanes``, and each lane owns one contiguous run of
+   the rank's positions. A lane reads its run sequentially (so a worker streams a few shards,
+   never seeks) and permutes it in windows of ``shuffle_window`` samples, each window with its
+   own ``(seed, epoch, rank, lane, window)`` generator. Batch ``j`` of a lane is positions
+   ``j*B .. (j+1)*B`` of that lane's stream. The contents of batch ``i`` are thus a pure
+   function of ``(seed, epoch, rank, world_size, num_workers, batch_size)`` and the manifest;
+   worker timing plays no part.
+4. **Workers.** The DataLoader asks its workers in order and returns their batches in order
+   (``in_order=True``), so worker ``w``'s ``m``-th batch is the rank's batch
+   ``skip + m*workers + w``: a worker serves lane ``(skip + w) % lanes``.
+5. **Mid-epoch resume.** ``skip_batches=k`` starts every lane at its first batch ``>= k``; the
+   skipped positions of a lane are read as raw bytes and dropped without decoding. The resumed
+   loader yields exactly the batches ``k..L-1`` of the uninterrupted one (MosaicML #880,
+   LitData #213, WebDataset #177/#271), provided seed, world size, workers and batch size are
+   the same.
+6. **Errors.** Only ``NNN.jpg``, ``cls`` and ``json`` members are read; any other member
+   (``.pyd``, ``.pickle`` ...) is never loaded, let alone unpickled. A sample that does not
+   decode is skipped; a shard that cannot be read (truncated, missing) ends early; both with a
+   warning, counted in :attr:`Loader.stats`. Transient read errors re-open the shard with
+   backoff and continue where they stopped. A lane whose stream runs short (skipped samples
+   or shards) fills its batches by reading further positions: past its run it reads the
+   whole epoch's sample sequence with a fresh permutation (so a sample may then appear twice
+   in an epoch; counted as ``refilled_samples``). Batch ``j`` takes the first ``B`` good
+   samples from position ``j*B`` on, so this depends only on positions: a run resumed with
+   ``skip_batches`` still matches, and every rank still yields exactly ``L`` batches, so DDP
+   never hangs (WebDataset #225).
+
+Validation reads the manifest order unshuffled; rank ``r`` takes positions
+``[r*N//W, (r+1)*N//W)`` and each lane a contiguous part of those, so each clip is seen
+exactly once over all ranks (the last batch of a lane may be short).
+
+Clips stay uint8 (the model normalises on the device). Training takes one random resized crop
+for all ``T`` frames of a clip, validation the centre square; there is no plain horizontal
+flip, only the optional flip that also swaps SSv2's left/right labels (``flip: true``).
+With ``decode: gpu`` the workers only move JPEG bytes and crop boxes, and the batch is decoded
+on the GPU with ``torchvision.io.decode_jpeg(..., device="cuda")``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import tarfile
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import simplejpeg
+import torch
+import torchvision.transforms.v2.functional as TF
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from fusion.config import ConfigError, option
+from sharding import storage
+from sharding.ssv2 import NUM_CLASSES, flip_label
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "ssv2-frames/1"
+# The only members a reader ever loads; everything else in a shard stays unread bytes.
+READ_MEMBER = re.compile(r"^[^/]+\.(\d{3}\.jpg|cls|json)$")
+ASPECT_RATIOS = (3 / 4, 4 / 3)
+MAX_READ_PASSES = 4
+ERROR_KEYS = ("corrupt_samples", "corrupt_shards", "read_retries", "refilled_samples")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the shards are and how clips are read from them."""
+
+    train: str = option("data/synthetic/shards/train", "training shards: folder or s3://bucket/prefix with manifest.json")
+    val: str = option("data/synthetic/shards/validation", "validation shards: folder or s3://bucket/prefix with manifest.json")
+    num_workers: int = option(2, "loader worker processes per rank (0: read in the training process)")
+    crop_size: int = option(224, "side of the square crops fed to the model, in pixels")
+    min_crop_area: float = option(0.25, "training crops cover this fraction of the frame area or more")
+    flip: bool = option(False, "flip half the training clips and swap their left/right labels")
+    shuffle_window: int = option(256, "samples permuted together within a loader lane (memory: raw JPEG bytes)")
+    decode: Literal["cpu", "gpu"] = option("cpu", "decode JPEGs in the workers (cpu) or on the GPU from bytes (gpu)")
+    prefetch_batches: int = option(2, "batches each worker prepares ahead")
+    read_retries: int = option(3, "re-open a shard this many times after a transient read error")
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.crop_size < 8:
+            raise ConfigError(f"data.crop_size: must be >= 8 pixels, got {self.crop_size}")
+        if not 0.0 < self.min_crop_area <= 1.0:
+            raise ConfigError(f"data.min_crop_area: must be in (0, 1], got {self.min_crop_area}")
+        if self.shuffle_window < 1:
+            raise ConfigError(f"data.shuffle_window: must be >= 1, got {self.shuffle_window}")
+        if self.prefetch_batches < 1:
+            raise ConfigError(f"data.prefetch_batches: must be >= 1, got {self.prefetch_batches}")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """A shard folder and its manifest. Open with :meth:`ShardSet.open`."""
+
+    url: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, url: str) -> "ShardSet":
+        """Read ``manifest.json`` under ``url``; clear errors for bad credentials, a missing
+        bucket, a missing or foreign manifest, all before any training starts."""
+        url = str(url).rstrip("/") if storage.is_s3_url(url) else str(url)
+        if storage.is_s3_url(url):
+            storage.check_s3_access(url)
+        manifest_url = storage.join(url, MANIFEST_NAME)
+        try:
+            manifest = json.loads(storage.read_bytes(manifest_url))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"no {MANIFEST_NAME} at {manifest_url}: point the data path at a folder written by sharding.make_shards"
+            ) from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{manifest_url} is not valid JSON ({error}): re-run sharding.make_shards") from None
+        if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("shards"):
+            raise ValueError(f"{manifest_url}: not an '{MANIFEST_FORMAT}' manifest with shards; re-run sharding.make_shards")
+        return cls(url=url, manifest=manifest)
+
+    @property
+    def shards(self) -> list[str]:
+        return [entry["name"] for entry in self.manifest["shards"]]
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return [int(entry["num_samples"]) for entry in self.manifest["shards"]]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_sizes)
+
+    @property
+    def frames(self) -> int:
+        return int(self.manifest["frames"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.get("templates") or ()) or NUM_CLASSES
+
+    def shard_url(self, name: str) -> str:
+        return storage.join(self.url, name)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Positions ``[start, stop)`` of one shard, in the shard's own sample order."""
+
+    shard: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    """One lane of one rank: the run of samples it reads and the batches it makes."""
+
+    lane: int
+    segments: tuple[Segment, ...]
+    num_samples: int
+    batch_ids: tuple[int, ...]  # the rank's batch indices this lane produces, in order
+    refill: tuple[Segment, ...] = ()  # read (permuted afresh) when the lane's own run runs short
+
+
+def batches_per_rank(num_samples: int, batch_size: int, world_size: int) -> int:
+    """Training batches every rank yields per epoch (the same on all ranks)."""
+    count = num_samples // (batch_size * world_size)
+    if count == 0:
+        raise ValueError(
+            f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} ranks: "
+            "lower the batch size or add data"
+        )
+    return count
+
+
+def epoch_shard_order(shardset: ShardSet, seed: int, epoch: int) -> list[int]:
+    """Shard indices in this epoch's order: identical on every rank."""
+    order = list(range(len(shardset.shards)))
+    random.Random(f"shards:{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def segments_for(shardset: ShardSet, order: list[int], start: int, stop: int) -> tuple[Segment, ...]:
+    """The shard pieces that hold global positions ``[start, stop)`` of the sequence ``order``."""
+    names, sizes = shardset.shards, shardset.shard_sizes
+    segments, offset = [], 0
+    for index in order:
+        lo, hi = max(start, offset), min(stop, offset + sizes[index])
+        if lo < hi:
+            segments.append(Segment(names[index], lo - offset, hi - offset))
+        offset += sizes[index]
+    return tuple(segments)
+
+
+def _balanced_bounds(total: int, parts: int, part: int) -> tuple[int, int]:
+    return total * part // parts, total * (part + 1) // parts
+
+
+def train_plan(shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int, lanes: int) -> list[LanePlan]:
+    """The lanes of ``rank`` for one training epoch (see the module docstring, steps 1-3)."""
+    per_rank = batches_per_rank(shardset.num_samples, batch_size, world_size)
+    order = epoch_shard_order(shardset, seed, epoch)
+    rank_start = rank * per_rank * batch_size
+    whole_epoch = segments_for(shardset, order, 0, shardset.num_samples)
+    plans, offset = [], rank_start
+    for lane in range(lanes):
+        batch_ids = tuple(range(lane, per_rank, lanes))
+        size = len(batch_ids) * batch_size
+        plans.append(LanePlan(lane, segments_for(shardset, order, offset, offset + size), size, batch_ids, whole_epoch))
+        offset += size
+    return plans
+
+
+def val_plan(shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, lanes: int) -> list[LanePlan]:
+    """The lanes of ``rank`` for validation: every clip on exactly one rank and lane."""
+    order = list(range(len(shardset.shards)))
+    rank_start, rank_stop = _balanced_bounds(shardset.num_samples, world_size, rank)
+    plans = []
+    for lane in range(lanes):
+        lo, hi = _balanced_bounds(rank_stop - rank_start, lanes, lane)
+        size = hi - lo
+        num_batches = -(-size // batch_size)
+        plans.append(LanePlan(lane, segments_for(shardset, order, rank_start + lo, rank_start + hi), size, tuple(range(num_batches))))
+    return plans
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_segment(shardset: ShardSet, segment: Segment, retries: int, errors: Counter) -> Iterator[dict[str, Any]]:
+    """Raw samples (member bytes by extension) of one shard segment.
+
+    A tar error (truncated or garbled shard) is deterministic: the shard ends there. Anything
+    else (a dropped connection) re-opens the shard after a backoff and skips what was read.
+    """
+    url = shardset.shard_url(segment.shard)
+    position, attempt = segment.start, 0
+    while position < segment.stop:
+        stream = None
+        try:
+            stream = storage.open_stream(url)
+            files = tar_file_iterator(stream, select_files=lambda name: READ_MEMBER.match(name) is not None)
+            index = 0
+            for sample in group_by_keys(_with_url(files, url)):
+                if index >= segment.stop:
+                    break
+                if index >= position:
+                    position += 1
+                    yield sample
+                index += 1
+            if position < segment.stop:
+                raise tarfile.ReadError(f"holds {index} samples, the manifest says at least {segment.stop}")
+            return
+        except (tarfile.TarError, ValueError, FileNotFoundError) as error:
+            errors["corrupt_shards"] += 1
+            log.warning("skipping the rest of shard %s from sample %d: %s", url, position, error)
+            return
+        except Exception as error:  # transient: network, throttling beyond botocore's retries
+            attempt += 1
+            if attempt > retries:
+                errors["corrupt_shards"] += 1
+                log.warning("giving up on shard %s at sample %d after %d retries: %s", url, position, retries, error)
+                return
+            errors["read_retries"] += 1
+            log.warning("re-opening shard %s at sample %d (attempt %d of %d): %s", url, position, attempt, retries, error)
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+        finally:
+            if stream is not None:
+                stream.close()
+
+
+def _with_url(files: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
+    for item in files:
+        item["__url__"] = url
+        yield item
+
+
+def _windowed(samples: Iterator[dict[str, Any]], window: int, seed_text: str, skip: int) -> Iterator[dict[str, Any]]:
+    """Permute consecutive windows of ``window`` samples, each with its own generator; drop the
+    first ``skip`` output positions without keeping whole skipped windows in memory."""
+    number = 0
+    while True:
+        if skip >= window:
+            dropped = sum(1 for _ in zip(range(window), samples))
+            if dropped < window:
+                return
+            skip -= window
+            number += 1
+            continue
+        buffer = [sample for _, sample in zip(range(window), samples)]
+        if not buffer:
+            return
+        random.Random(f"{seed_text}:{number}").shuffle(buffer)
+        yield from buffer[skip:]
+        skip, number = 0, number + 1
+        if len(buffer) < window:
+            return
+
+
+def _lane_stream(shardset: ShardSet, plan: LanePlan, cfg: DataConfig, seed_text: str | None, skip: int, errors: Counter) -> Iterator[dict[str, Any]]:
+    """The positions of a lane: its run, then (only if something was lost) the whole epoch's
+    samples, each pass with a fresh permutation, so that even a lane whose own run is all
+    damaged still fills its batches; the first ``skip`` positions are dropped undecoded."""
+    for read_pass in range(MAX_READ_PASSES):
+        read = Counter()
+        segments = plan.segments if read_pass == 0 else plan.refill
+        raw = _counted((sample for segment in segments for sample in _read_segment(shardset, segment, cfg.read_retries, errors)), read)
+        if seed_text is None:  # validation: manifest order, one pass
+            yield from raw
+            return
+        for sample in _windowed(raw, cfg.shuffle_window, f"{seed_text}:{read_pass}", skip):
+            if read_pass:
+                errors["refilled_samples"] += 1
+            yield sample
+        if read["samples"] == 0 and read_pass > 0:
+            return
+        skip = max(0, skip - read["samples"])
+
+
+def _counted(samples: Iterator[dict[str, Any]], counter: Counter) -> Iterator[dict[str, Any]]:
+    for sample in samples:
+        counter["samples"] += 1
+        yield sample
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class CorruptSample(ValueError):
+    """A sample whose members cannot be decoded."""
+
+
+def _frame_names(sample: dict[str, Any], frames: int) -> list[str]:
+    names = [f"{index:03d}.jpg" for index in range(frames)]
+    missing = [name for name in names if name not in sample]
+    if missing:
+        raise CorruptSample(f"missing frames {missing[:3]}")
+    return names
+
+
+def _label(sample: dict[str, Any], require: bool) -> int:
+    if "cls" not in sample:
+        if require:
+            raise CorruptSample("no .cls label")
+        return -1
+    try:
+        label = int(sample["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptSample(f"label {sample['cls'][:20]!r} is not a number") from None
+    if not 0 <= label < NUM_CLASSES:
+        raise CorruptSample(f"label {label} is outside 0..{NUM_CLASSES - 1}")
+    return label
+
+
+def random_resized_box(rng: random.Random, height: int, width: int, min_area: float) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of a random crop covering ``min_area``..1 of the frame with an
+    aspect ratio in 3/4..4/3 (torchvision's RandomResizedCrop, with our own generator so
+    that the crop is reproducible per sample and epoch)."""
+    area = height * width
+    log_ratios = (np.log(ASPECT_RATIOS[0]), np.log(ASPECT_RATIOS[1]))
+    for _ in range(10):
+        target = area * rng.uniform(min_area, 1.0)
+        ratio = float(np.exp(rng.uniform(*log_ratios)))
+        w = int(round((target * ratio) ** 0.5))
+        h = int(round((target / ratio) ** 0.5))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    return center_box(height, width)
+
+
+def center_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """The centred square of side ``min(height, width)``."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+@dataclass(frozen=True)
+class ClipView:
+    """How one clip is cut: crop box in source pixels and whether it is mirrored."""
+
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+def _choose_view(cfg: DataConfig, height: int, width: int, rng: random.Random | None) -> ClipView:
+    if rng is None:
+        return ClipView(center_box(height, width), False)
+    box = random_resized_box(rng, height, width, cfg.min_crop_area)
+    return ClipView(box, cfg.flip and rng.random() < 0.5)
+
+
+def _cut(frames: torch.Tensor, view: ClipView, size: int) -> torch.Tensor:
+    """``[T, 3, H, W]`` uint8 -> ``[T, 3, size, size]`` uint8 (crop, resize, maybe mirror)."""
+    top, left, h, w = view.box
+    clip = TF.resized_crop(frames, top, left, h, w, [size, size], antialias=True)
+    if view.flip:
+        clip = clip.flip(-1)
+    return clip  # channels-last; the batch stack makes it contiguous in one copy
+
+
+def decode_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool) -> tuple[torch.Tensor, int]:
+    """One sample -> (uint8 ``[T, 3, S, S]``, label). Raises :class:`CorruptSample`."""
+    label = _label(sample, require_label)
+    names = _frame_names(sample, frames)
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(sample[names[0]])
+        pixels = np.empty((frames, height, width, 3), np.uint8)
+        for index, name in enumerate(names):  # decode in place: no per-frame arrays to stack
+            frame = simplejpeg.decode_jpeg(sample[name], colorspace="RGB", buffer=pixels[index])
+            if frame.shape != (height, width, 3):
+                raise ValueError(f"frame {name} is {frame.shape[1]}x{frame.shape[0]}, frame 000 {width}x{height}")
+    except ValueError as error:  # simplejpeg is strict: truncated or garbled data raises too
+        raise CorruptSample(f"JPEG frames do not decode: {error}") from None
+    video = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last memory
+    view = _choose_view(cfg, video.shape[-2], video.shape[-1], rng)
+    if view.flip:
+        label = flip_label(label) if label >= 0 else label
+    return _cut(video, view, cfg.crop_size), label
+
+
+def _jpeg_bytes_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool) -> tuple[dict[str, Any], int]:
+    """For ``decode: gpu``: check the headers only and pass the bytes on."""
+    label = _label(sample, require_label)
+    names = _frame_names(sample, frames)
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(sample[names[0]])
+    except ValueError as error:
+        raise CorruptSample(f"JPEG header does not parse: {error}") from None
+    view = _choose_view(cfg, height, width, rng)
+    if view.flip:
+        label = flip_label(label) if label >= 0 else label
+    jpegs = [torch.frombuffer(bytearray(sample[name]), dtype=torch.uint8) for name in names]
+    return dict(jpegs=jpegs, view=view), label
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+class _LaneDataset(torch.utils.data.IterableDataset):
+    """Yields whole batches (the DataLoader runs with ``batch_size=None``)."""
+
+    def __init__(self, shardset: ShardSet, cfg: DataConfig, plans: list[LanePlan], *, batch_size: int, skip_batches: int,
+                 seed_text: str | None, crop_seed_text: str | None, fill: bool, require_label: bool) -> None:
+        self.shardset, self.cfg, self.plans = shardset, cfg, plans
+        self.batch_size, self.skip_batches = batch_size, skip_batches
+        self.seed_text, self.crop_seed_text = seed_text, crop_seed_text
+        self.fill, self.require_label = fill, require_label
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        if workers == 1:
+            # one process serves every lane, interleaved exactly as the workers would be
+            streams = [self._lane_batches(plan) for plan in self.plans]
+            yield from _round_robin(streams, len(self.plans), self.skip_batches)
+            return
+        yield from self._lane_batches(self.plans[(self.skip_batches + worker) % len(self.plans)])
+
+    def _lane_batches(self, plan: LanePlan) -> Iterator[dict[str, Any]]:
+        errors: Counter = Counter()
+        first = sum(1 for batch_id in plan.batch_ids if batch_id < self.skip_batches)
+        seed_text = f"{self.seed_text}:{plan.lane}" if self.seed_text is not None else None
+        stream = _lane_stream(self.shardset, plan, self.cfg, seed_text, first * self.batch_size, errors)
+        pending: deque = deque()  # [raw sample, decoded result or None]
+        for lane_batch in range(first, len(plan.batch_ids)):
+            want = self.batch_size if self.fill else min(self.batch_size, plan.num_samples - lane_batch * self.batch_size)
+            chosen, index = [], 0
+            while len(chosen) < want:
+                if index == len(pending):
+                    sample = next(stream, None)
+                    if sample is None:
+                        break
+                    pending.append([sample, None])
+                item = pending[index]
+                if item[1] is None:
+                    item[1] = self._decode(item[0], errors)
+                if item[1] is not False:
+                    chosen.append(item[1])
+                index += 1
+            if self.fill and len(chosen) < want:
+                raise RuntimeError(
+                    f"lane {plan.lane} of {self.shardset.url} found only {len(chosen)} readable samples for a batch of "
+                    f"{want} after {MAX_READ_PASSES} passes: the shards are mostly corrupt, re-run sharding.make_shards"
+                )
+            for _ in range(min(self.batch_size if self.fill else index, len(pending))):
+                pending.popleft()
+            yield self._collate(chosen, errors)
+            errors.clear()
+
+    def _decode(self, sample: dict[str, Any], errors: Counter) -> Any:
+        key = sample["__key__"]
+        rng = random.Random(f"{self.crop_seed_text}:{key}") if self.crop_seed_text is not None else None
+        decode = _jpeg_bytes_clip if self.cfg.decode == "gpu" else decode_clip
+        try:
+            clip, label = decode(sample, self.shardset.frames, self.cfg, rng, self.require_label)
+        except CorruptSample as error:
+            errors["corrupt_samples"] += 1
+            log.warning("skipping sample %s of %s: %s", key, sample.get("__url__"), error)
+            return False
+        return clip, label, key
+
+    def _collate(self, chosen: list[tuple[Any, int, str]], errors: Counter) -> dict[str, Any]:
+        batch: dict[str, Any] = dict(
+            labels=torch.tensor([label for _, label, _ in chosen], dtype=torch.int64),
+            keys=[key for _, _, key in chosen],
+            errors=dict(errors),
+        )
+        if self.cfg.decode == "gpu":
+            batch["encoded"] = [clip for clip, _, _ in chosen]
+        elif chosen:
+            batch["clips"] = torch.stack([clip for clip, _, _ in chosen])
+        else:
+            size = self.cfg.crop_size
+            batch["clips"] = torch.empty((0, self.shardset.frames, 3, size, size), dtype=torch.uint8)
+        return batch
+
+
+def _round_robin(streams: list[Iterator[dict[str, Any]]], lanes: int, skip: int) -> Iterator[dict[str, Any]]:
+    active = [streams[(skip + offset) % lanes] for offset in range(lanes)]
+    while active:
+        still = []
+        for stream in active:
+            batch = next(stream, None)
+            if batch is not None:
+                yield batch
+                still.append(stream)
+        active = still
+
+
+class Loader:
+    """The batches of one rank for one epoch: ``len()`` of them, each
+    ``dict(clips=uint8 [B, T, 3, S, S], labels=int64 [B], keys=list[str])``.
+
+    :attr:`stats` counts skipped samples and shards, retries and refills seen so far (the
+    workers report them with each batch); log it, it is the only trace of bad data.
+    """
+
+    def __init__(self, dataset: _LaneDataset, cfg: DataConfig, num_batches: int, device: str | torch.device | None) -> None:
+        self.dataset, self.cfg = dataset, cfg
+        self.num_batches = num_batches
+        self.device = torch.device(device) if device is not None else None
+        self.stats: Counter = Counter({key: 0 for key in ERROR_KEYS})
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.cfg.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available() and self.cfg.decode == "cpu",
+            prefetch_factor=self.cfg.prefetch_batches if workers else None,
+            in_order=True,
+        )
+        for batch in loader:
+            self.stats.update(batch.pop("errors"))
+            if "encoded" in batch:
+                batch = self._decode_on_device(batch)
+            yield batch
+
+    def _decode_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        encoded = batch.pop("encoded")
+        device = self.device or torch.device("cuda")
+        try:
+            batch["clips"] = decode_on_device(encoded, self.cfg.crop_size, device)
+            return batch
+        except RuntimeError:  # one bad JPEG fails the whole call: find it clip by clip
+            pass
+        keep, clips = [], []
+        for index, clip in enumerate(encoded):
+            try:
+                clips.append(decode_on_device([clip], self.cfg.crop_size, device)[0])
+                keep.append(index)
+            except RuntimeError as error:
+                self.stats["corrupt_samples"] += 1
+                log.warning("skipping sample %s: JPEG frames do not decode on %s: %s", batch["keys"][index], device, error)
+        batch["keys"] = [batch["keys"][i] for i in keep]
+        batch["labels"] = batch["labels"][keep]
+        batch["clips"] = torch.stack(clips) if clips else torch.empty((0, 0, 3, self.cfg.crop_size, self.cfg.crop_size), dtype=torch.uint8, device=device)
+        return batch
+
+
+def decode_on_device(encoded: list[dict[str, Any]], size: int, device: torch.device) -> torch.Tensor:
+    """JPEG bytes of a batch -> uint8 ``[B, T, 3, S, S]`` on ``device`` (one decode call, so
+    nvJPEG decodes the whole batch at once on CUDA)."""
+    from torchvision.io import decode_jpeg
+
+    if not encoded:
+        return torch.empty((0, 0, 3, size, size), dtype=torch.uint8, device=device)
+    flat = [jpeg for clip in encoded for jpeg in clip["jpegs"]]
+    frames = decode_jpeg(flat, device=device)
+    per_clip = len(encoded[0]["jpegs"])
+    clips = [_cut(torch.stack(frames[i * per_clip : (i + 1) * per_clip]), clip["view"], size) for i, clip in enumerate(encoded)]
+    return torch.stack(clips)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+
+
+def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
+                 skip_batches: int = 0, device: str | torch.device | None = None) -> Loader:
+    """Training batches of ``rank`` for ``epoch``: shuffled, random-resized-cropped, every
+    rank the same number; ``skip_batches=k`` resumes at batch ``k`` of the epoch exactly.
+
+    ``len()`` is the number of batches still to come (``batches_per_rank(...) - k``).
+    ``device`` is where ``decode: gpu`` decodes the batch (default ``cuda``; ``cpu`` runs the
+    same bytes-only path without a GPU); unused with ``decode: cpu``. A sample that fails to
+    decode there is dropped from its batch (which is then short) and counted.
+    """
+    _check_rank(rank, world_size, batch_size)
+    per_rank = batches_per_rank(shardset.num_samples, batch_size, world_size)
+    if not 0 <= skip_batches <= per_rank:
+        raise ValueError(f"skip_batches={skip_batches} is outside 0..{per_rank} (batches per rank this epoch)")
+    lanes = max(1, cfg.num_workers)
+    plans = train_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed, lanes=lanes)
+    dataset = _LaneDataset(
+        shardset, cfg, plans, batch_size=batch_size, skip_batches=skip_batches,
+        seed_text=f"order:{seed}:{epoch}:{rank}:{world_size}", crop_seed_text=f"crop:{seed}:{epoch}",
+        fill=True, require_label=True,
+    )
+    return Loader(dataset, cfg, per_rank - skip_batches, device)
+
+
+def val_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
+               device: str | torch.device | None = None) -> Loader:
+    """Validation batches of ``rank``: centre crops, manifest order, each clip on exactly one
+    rank once; batches may be short (or empty for a rank with no clips). Labels are -1 for
+    unlabelled (test split) clips."""
+    _check_rank(rank, world_size, batch_size)
+    lanes = max(1, cfg.num_workers)
+    plans = val_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, lanes=lanes)
+    dataset = _LaneDataset(
+        shardset, cfg, plans, batch_size=batch_size, skip_batches=0,
+        seed_text=None, crop_seed_text=None, fill=False, require_label=False,
+    )
+    return Loader(dataset, cfg, sum(len(plan.batch_ids) for plan in plans), device)

@@ -1,0 +1,142 @@
+"""How fast the shard loader turns shards into training clips, per CPU core, against two
+references measured on the same clips in the same run:
+
+- the floor: decoding the same JPEG bytes with simplejpeg in this process (what any JPEG
+  loader must pay; the loader adds tar reading, cropping, resizing, batching, IPC);
+- the naive loader: decoding each source ``.webm`` with PyAV and sampling T frames
+  (``sharding.video.decode_sampled``, what make_shards does once so training never has to).
+
+    python -m launch.bench_loader [--shards DIR] [--videos DIR] [--clips N] [--workers 0,2]
+
+Without ``--shards`` it generates a small synthetic SSv2 set (``sharding.synthetic``) and packs
+it with make_shards in a temporary folder. The source videos are found through the
+manifest's ``args.videos`` unless ``--videos`` names them. Figures are ratios, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import simplejpeg
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from fusion.data import READ_MEMBER, DataConfig, ShardSet, train_loader
+from sharding import storage
+from sharding.video import decode_sampled
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench_loader", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", help="training shard folder or s3:// URL with manifest.json (default: make a synthetic one)")
+    parser.add_argument("--videos", help="folder of the source .webm files (default: the manifest's args.videos)")
+    parser.add_argument("--clips", type=int, default=64, help="clips to time on each path (default 64)")
+    parser.add_argument("--workers", default="0,2", help="loader worker counts to time, comma-separated (default 0,2)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--crop-size", type=int, default=224)
+    return parser.parse_args(argv)
+
+
+def synthetic_shards(folder: Path, clips: int) -> str:
+    """Generate a synthetic SSv2 root and pack its training split; returns the shard folder."""
+    from sharding import make_shards
+    from sharding.synthetic import DEFAULT_CLASSES, generate
+
+    classes = list(DEFAULT_CLASSES)
+    per_class = max(1, -(-clips // len(classes)))
+    root = generate(folder / "ssv2", seed=0, train_per_class=per_class, val_per_class=0, test_count=0, progress=True)
+    out = folder / "shards" / "train"
+    code = make_shards.main(["--root", str(root), "--split", "train", "--out", str(out), "--shard-size", "16"])
+    if code != 0:
+        raise SystemExit(f"make_shards failed on the synthetic set in {folder}")
+    return str(out)
+
+
+def read_samples(shardset: ShardSet, limit: int) -> list[dict]:
+    """The first ``limit`` samples' JPEG members, as bytes in memory (for the floor)."""
+    samples = []
+    for name in shardset.shards:
+        with storage.open_stream(shardset.shard_url(name)) as stream:
+            files = ({**f, "__url__": name} for f in tar_file_iterator(stream, select_files=lambda n: READ_MEMBER.match(n) is not None))
+            for sample in group_by_keys(files):
+                samples.append(sample)
+                if len(samples) == limit:
+                    return samples
+    return samples
+
+
+def time_floor(samples: list[dict], frames: int) -> float:
+    """Clips/s decoding only the JPEG frames, one thread."""
+    names = [f"{t:03d}.jpg" for t in range(frames)]
+    start = time.perf_counter()
+    for sample in samples:
+        for name in names:
+            simplejpeg.decode_jpeg(sample[name], colorspace="RGB")
+    return len(samples) / (time.perf_counter() - start)
+
+
+def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int) -> float:
+    """Clips/s through train_loader (one rank), counted from the first batch to the last so
+    that worker start-up is not charged to the steady state."""
+    cfg = DataConfig(num_workers=workers, crop_size=crop_size)
+    seen, start = 0, None
+    for batch in train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0):
+        if start is None:
+            start = time.perf_counter()
+        else:
+            seen += batch["clips"].shape[0]
+        if seen >= clips:
+            break
+    return seen / (time.perf_counter() - start)
+
+
+def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> float:
+    """Clips/s decoding the source videos and sampling T frames, one thread."""
+    paths = [next(iter(videos.glob(f"{key}.*")), None) for key in keys]
+    paths = [p for p in paths if p is not None]
+    if not paths:
+        raise SystemExit(f"no source videos for the shard keys under {videos}: pass --videos")
+    start = time.perf_counter()
+    for path in paths:
+        decode_sampled(path, frames, short_side)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # per-core figures: one intra-op thread here, as in every DataLoader worker
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench_loader_") as scratch:
+        shards = args.shards or synthetic_shards(Path(scratch), args.clips)
+        shardset = ShardSet.open(shards)
+        manifest_args = shardset.manifest.get("args", {})
+        clips = min(args.clips, shardset.num_samples)
+        samples = read_samples(shardset, clips)
+        frames = shardset.frames
+        print(f"shards: {shards}  ({shardset.num_samples} clips, T={frames}, short side {shardset.manifest.get('short_side')}), "
+              f"timing {clips} clips per path, cpu cores here: {os.cpu_count()}")
+
+        floor = time_floor(samples, frames)
+        rows = [("JPEG decode only (simplejpeg, floor)", floor, 1)]
+        for workers in (int(w) for w in args.workers.split(",")):
+            rate = time_loader(shardset, workers, args.batch_size, args.crop_size, clips)
+            rows.append((f"train_loader, {workers} workers, crop {args.crop_size}", rate, max(1, workers)))
+        videos = Path(args.videos or manifest_args.get("videos", ""))
+        if videos.is_dir():
+            naive = time_naive(videos, [s["__key__"] for s in samples], frames, int(shardset.manifest.get("short_side", 240)))
+            rows.append(("naive: PyAV .webm decode + sample T frames", naive, 1))
+        else:
+            print(f"(no source videos at '{videos}': naive path not timed; pass --videos)")
+
+        print(f"{'path':<48} {'clips/s':>9} {'cores':>6} {'clips/s/core':>13} {'vs floor':>9}")
+        for name, rate, cores in rows:
+            per_core = rate / cores
+            print(f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
