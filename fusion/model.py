@@ -1,0 +1,190 @@
+"""The whole classifier: two frozen backbones that turn uint8 clips into features, and the
+trainable :class:`~fusion.heads.FusionHead` that turns features into logits.
+
+Start reading at :func:`build_model`. :class:`ModelConfig` is the ``model:`` section of a
+config file; :func:`parameter_report` counts what trains and what is frozen (the table that
+``python -m fusion`` prints).
+
+``model.size`` picks the backbones' size only: ``debug`` builds tiny backbones with the same
+builders (for tests, CI and the CPU demo). The head's size always comes from ``model.dim``,
+``model.heads`` and ``model.layers``; ``launch/configs/debug.yaml`` sets a small ``dim`` beside
+``size: debug``, so there is a single builder path and no hidden second set of defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fusion.backbones import MotionConfig, SemanticConfig, build_motion, build_semantic
+from fusion.config import ConfigError, option
+from fusion.heads import Attention, FusionHead
+from sharding.ssv2 import NUM_CLASSES
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ``model:`` section of a config: backbones, fusion variant and head size."""
+
+    size: Literal["full", "debug"] = option(
+        "full", "backbone size: full (the published architectures) or debug (tiny, same builders; tests and the CPU demo)"
+    )
+    semantic: SemanticConfig = option(factory=SemanticConfig, doc="semantic (per-frame) backbone")
+    motion: MotionConfig = option(factory=MotionConfig, doc="motion (per-segment) backbone")
+    fusion: Literal["xattn", "concat", "elementwise", "semantic_only", "motion_only"] = option(
+        "xattn",
+        "how the streams meet: xattn (bidirectional cross-attention), concat (concatenation per time step), "
+        "elementwise (product per time step), semantic_only or motion_only (one stream, self-attention)",
+    )
+    heads: int = option(8, "attention heads in the head; must divide model.dim")
+    dim: int = option(512, "width both streams are projected to")
+    layers: int = option(1, "fusion (or self-attention) layers in the head")
+    num_classes: int = option(NUM_CLASSES, "classifier outputs (174 for SSv2)")
+    dropout: float = option(0.1, "dropout on projections, attention weights, residual branches and before the classifier")
+    ffn_mult: int = option(4, "hidden width of each block's feed-forward layer, in multiples of model.dim")
+    pool: Literal["mean", "attn"] = option(
+        "mean", "temporal pooling of each stream: mean, or attn (a learned softmax-weighted mean)"
+    )
+    max_time: int = option(64, "longest feature sequence (frames or motion segments) the learned time embeddings cover")
+    dtype: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "dtype of the frozen backbones: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("heads", "dim", "layers", "num_classes", "ffn_mult", "max_time"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be at least 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            divisors = [h for h in (1, 2, 4, 8, 16, 32) if self.dim % h == 0]
+            raise ConfigError(
+                f"model.heads={self.heads} does not divide model.dim={self.dim}; "
+                f"choose heads from {divisors} or change model.dim"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The backbones' dtype for ``model.dtype``: ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class FrozenBackbones(nn.Module):
+    """Both backbones, frozen: no gradients, always in eval mode, features returned in fp32."""
+
+    def __init__(self, semantic: nn.Module, motion: nn.Module) -> None:
+        super().__init__()
+        self.semantic = semantic
+        self.motion = motion
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenBackbones:
+        # A parent's .train() must not switch BatchNorm statistics or dropout on in frozen parts.
+        return super().train(False)
+
+    def set_dtype(self, dtype: torch.dtype) -> FrozenBackbones:
+        """Cast parameters and buffers (call after ``.to(device)``; bf16 on GPUs)."""
+        return self.to(dtype=dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @torch.no_grad()
+    def forward(self, clips: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 clips [B, T, 3, H, W] -> (semantic [B, T, Ds], motion [B, T', Dm]), fp32."""
+        # no_grad rather than inference_mode: the head saves these features for its backward.
+        return self.semantic(clips).float(), self.motion(clips).float()
+
+
+class FusionClassifier(nn.Module):
+    """Frozen backbones followed by the trainable head. Only ``head`` has trainable parameters."""
+
+    def __init__(self, cfg: ModelConfig, backbones: FrozenBackbones, head: FusionHead) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbones = backbones
+        self.head = head
+
+    def features(self, clips: Tensor) -> tuple[Tensor, Tensor]:
+        """(semantic [B, T, Ds], motion [B, T', Dm]) in fp32 without gradients; cacheable."""
+        return self.backbones(clips)
+
+    def forward(self, clips: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Attention]:
+        """uint8 clips [B, T, 3, H, W] -> logits [B, num_classes] (and attention weights if asked)."""
+        semantic, motion = self.features(clips)
+        return self.head(semantic, motion, return_attention=return_attention)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> FusionClassifier:
+    """Backbones from ``cfg.semantic`` / ``cfg.motion`` at ``cfg.size``, a head sized from their
+    widths, everything on ``device`` and the backbones in ``resolve_dtype(cfg.dtype, device)``."""
+    semantic = build_semantic(cfg.semantic, cfg.size)
+    motion = build_motion(cfg.motion, cfg.size)
+    backbones = FrozenBackbones(semantic, motion)
+    head = FusionHead(cfg, semantic_dim=semantic.out_dim, motion_dim=motion.out_dim)
+    model = FusionClassifier(cfg, backbones, head).to(device)
+    model.backbones.set_dtype(resolve_dtype(cfg.dtype, device))
+    return model
+
+
+def _count(module: nn.Module) -> dict[str, int]:
+    params = list(module.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+def parameter_report(model: FusionClassifier) -> dict[str, Any]:
+    """Parameter counts: ``total``, ``trainable``, ``frozen``, ``trainable_percent`` and
+    ``modules``, one row per backbone, the head, and each of the head's direct sub-modules
+    (rows ``head.*`` add up to ``head``)."""
+    cfg = model.cfg
+    rows = [
+        {"module": "backbones.semantic", "label": f"semantic backbone ({cfg.semantic.name})", **_count(model.backbones.semantic)},
+        {"module": "backbones.motion", "label": f"motion backbone ({cfg.motion.name})", **_count(model.backbones.motion)},
+        {"module": "head", "label": f"fusion head ({cfg.fusion})", **_count(model.head)},
+    ]
+    for name, child in model.head.named_children():
+        counts = _count(child)
+        if counts["total"]:
+            rows.append({"module": f"head.{name}", "label": name, **counts})
+    totals = _count(model)
+    percent = 100.0 * totals["trainable"] / totals["total"] if totals["total"] else 0.0
+    return {**totals, "trainable_percent": round(percent, 3), "modules": rows}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as an aligned text table."""
+    header = ("module", "total", "trainable", "frozen", "% trainable")
+    lines = [
+        (("  " if r["module"].startswith("head.") else "") + r["label"], r["total"], r["trainable"], r["frozen"])
+        for r in report["modules"]
+    ]
+    lines.append(("all", report["total"], report["trainable"], report["frozen"]))
+    cells = [header] + [
+        (label, f"{total:,}", f"{trainable:,}", f"{frozen:,}", f"{100.0 * trainable / total:.1f}" if total else "-")
+        for label, total, trainable, frozen in lines
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def render(row: tuple[str, ...]) -> str:
+        return "  ".join([row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])])
+
+    rule = "-" * len(render(header))
+    body = [render(row) for row in cells[1:-1]]
+    summary = (
+        f"trainable: {report['trainable'] / 1e6:.2f}M of {report['total'] / 1e6:.2f}M parameters "
+        f"({report['trainable_percent']:.1f}%)"
+    )
+    return "\n".join([render(header), rule, *body, rule, render(cells[-1]), summary])
