@@ -1,0 +1,491 @@
+"""Train the fusion head with DeepSpeed ZeRO-2 on WebDataset shards (a folder or s3://).
+
+    deepspeed launch/train.py --deepspeed ds.json                  # every GPU of this node
+    deepspeed --num_gpus 2 launch/train.py --deepspeed ds.json     # no GPU: 2 CPU ranks, gloo
+    torchrun --nproc_per_node N launch/train.py --deepspeed ds.json
+    python launch/train.py [--config launch/configs/NAME.yaml] [--data.train URL] [--data.val URL]
+        [--model.KEY V] [--train.epochs N] [--train.max_steps N] [--train.seed S] [--out DIR] [--resume]
+
+Without ``--config`` the run uses ``launch/configs/default.yaml`` when CUDA is present and
+``launch/configs/debug.yaml`` (the CPU demo size) when not; without ``--data.*`` it reads the
+synthetic shards ``make demo`` writes (``data/synthetic/shards/{train,validation}``).
+Batch sizes, optimizer and schedule live in ``ds.json``; ``"auto"`` schedule lengths are
+filled from the manifest (see :mod:`launch.distributed`). ``--help`` lists every config key.
+
+The frozen backbones are plain modules on the device (bf16 on GPUs, fp32 on CPU); DeepSpeed
+wraps only the head. ``--out`` receives ``checkpoints/``, ``metrics.jsonl``, TensorBoard
+events, the resolved configs and, at the end, ``head.pt`` (fp32 head weights + model config).
+
+Resume: a checkpoint stores the data position (epoch, micro-batches done in it); the data
+order is a pure function of (seed, epoch, rank, world size, workers, batch size), so the
+resumed loader skips exactly the batches already trained on. Dropout is seeded per
+micro-batch from the same coordinates, so a resumed run repeats the interrupted one exactly.
+
+Start reading at :func:`main`; the loop is :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+if __package__ in (None, ""):  # `python launch/train.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from launch import distributed  # first: sets DeepSpeed's environment before anything imports it
+from fusion.config import ConfigError, load, option, render_help, to_dict
+from fusion.data import DataConfig, ShardSet, batches_per_rank, train_loader, val_loader
+from fusion.model import FusionClassifier, ModelConfig, build_model, format_report, parameter_report
+from launch.distributed import BatchPlan, Ranks
+from sharding import storage
+
+CONFIGS = distributed.REPO_ROOT / "launch" / "configs"
+DS_JSON = distributed.REPO_ROOT / "ds.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How long to train and how often to log, validate and save (batch sizes: ds.json)."""
+
+    epochs: int = option(10, "passes over the training shards")
+    max_steps: int = option(0, "stop after this many optimizer steps in all (0: run every epoch); also shortens the schedule")
+    seed: int = option(0, "seeds the head's initialisation, the data order and crops, and dropout")
+    checkpoint_every: int = option(1000, "also checkpoint every N optimizer steps (0: only at the end of each epoch)")
+    keep_checkpoints: int = option(3, "checkpoints kept in OUT/checkpoints, oldest deleted first (0: keep all)")
+    log_every: int = option(20, "optimizer steps between rows of metrics.jsonl / TensorBoard")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
+    val_batch_size: int = option(0, "clips per rank per validation batch (0: ds.json's micro batch)")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "checkpoint_every", "keep_checkpoints", "val_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run reads from ``--config`` and ``--section.key`` overrides."""
+
+    model: ModelConfig = option(factory=ModelConfig, doc="the model (python -m fusion --help)")
+    data: DataConfig = option(factory=DataConfig, doc="the shards and the loader")
+    train: TrainConfig = option(factory=TrainConfig, doc="the training loop")
+
+
+@dataclass
+class Position:
+    """Where in the data the run stands: ``batch`` micro-batches of ``epoch`` are done."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def default_config_path() -> Path:
+    return CONFIGS / ("default.yaml" if torch.cuda.is_available() else "debug.yaml")
+
+
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, RunConfig]:
+    parser = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Train the fusion head with DeepSpeed (see the module docstring for launch commands).",
+        epilog="config keys (YAML sections, or --section.key VALUE on the command line):\n" + render_help(RunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", type=Path, help="YAML config (default: launch/configs/default.yaml with CUDA, debug.yaml without)")
+    parser.add_argument("--deepspeed", "--deepspeed_config", dest="deepspeed", type=Path, default=DS_JSON, metavar="DS_JSON",
+                        help="DeepSpeed config: batch sizes, optimizer, schedule (default: the repo's ds.json)")
+    parser.add_argument("--out", type=Path, help="run folder for checkpoints and logs (default: runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out (fresh start if none)")
+    parser.add_argument("--local_rank", type=int, help="set by the deepspeed launcher; LOCAL_RANK wins")
+    args, rest = parser.parse_known_args(argv)
+    args.config_chosen = args.config is not None
+    if args.config is None:
+        args.config = default_config_path()
+    cfg, unknown = load(RunConfig, args.config, rest)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.out is None:
+        args.out = Path("runs") / args.config.stem
+    data = dataclasses.replace(cfg.data, train=resolve_data_url(cfg.data.train), val=resolve_data_url(cfg.data.val))
+    return args, dataclasses.replace(cfg, data=data)
+
+
+def resolve_data_url(url: str) -> str:
+    """Relative shard folders are looked up from the current folder, then from the repo root
+    (so the embedded default finds the demo's shards from anywhere)."""
+    if storage.is_s3_url(url) or Path(url).is_absolute() or Path(url).exists():
+        return url
+    in_repo = distributed.REPO_ROOT / url
+    return str(in_repo) if in_repo.exists() else url
+
+
+# ----------------------------------------------------------------------------- set-up checks
+
+
+def open_data(cfg: RunConfig) -> tuple[ShardSet, ShardSet]:
+    """Both shard sets, with their class counts checked against the model's."""
+    train_set, val_set = ShardSet.open(cfg.data.train), ShardSet.open(cfg.data.val)
+    for name, shards in (("data.train", train_set), ("data.val", val_set)):
+        if shards.num_classes != cfg.model.num_classes:
+            raise ConfigError(
+                f"{name} {shards.url} has {shards.num_classes} classes but model.num_classes is {cfg.model.num_classes}: "
+                "set --model.num_classes to match or point at the right shards"
+            )
+    if train_set.frames != val_set.frames:
+        raise ConfigError(f"data.train has {train_set.frames} frames per clip, data.val {val_set.frames}: shard both with the same --frames")
+    return train_set, val_set
+
+
+def steps_per_epoch(train_set: ShardSet, plan: BatchPlan) -> int:
+    """Optimizer steps per epoch; micro-batches beyond the last full accumulation are dropped."""
+    try:
+        batches = batches_per_rank(train_set.num_samples, plan.micro, plan.world_size)
+    except ValueError as error:
+        raise ConfigError(f"data.train {train_set.url}: {error} (train_micro_batch_size_per_gpu in ds.json)") from None
+    if batches < plan.accumulation:
+        raise ConfigError(
+            f"data.train {train_set.url}: {batches} batches of {plan.micro} per rank over {plan.world_size} ranks is fewer "
+            f"than gradient_accumulation_steps {plan.accumulation}: lower one of them in ds.json or add data"
+        )
+    return batches // plan.accumulation
+
+
+def total_steps(train: TrainConfig, per_epoch: int) -> int:
+    planned = train.epochs * per_epoch
+    return min(planned, train.max_steps) if train.max_steps else planned
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """How many rows have their label among the k highest logits, for each k (k capped at
+    the number of classes)."""
+    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices  # (B, kmax)
+    hits = top == labels[:, None]
+    return [hits[:, :k].any(dim=-1).sum() for k in ks]
+
+
+def step_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """The dropout seed of one micro-batch: a function of where it is, not of how the run got
+    there, so an interrupted-and-resumed run draws the same masks as an uninterrupted one."""
+    return int(np.random.SeedSequence([seed, rank, epoch, batch]).generate_state(1)[0])
+
+
+class Meter:
+    """Training sums since the last log row, reduced over ranks on :meth:`reduce`."""
+
+    def __init__(self, device: torch.device, world_size: int) -> None:
+        self.device, self.world_size = device, world_size
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss*B, top-1, top-5, clips
+        self.wait = 0.0
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.wait += time.perf_counter() - start
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        top1, top5 = topk_correct(logits.detach(), labels)
+        self.sums += torch.stack([loss.detach().double() * len(labels), top1.double(), top5.double(), torch.tensor(len(labels), dtype=torch.float64, device=self.device)])
+
+    def reduce(self) -> dict[str, float]:
+        """Global loss, top-1/top-5, clips/s and the share of time spent waiting for data."""
+        elapsed = time.perf_counter() - self.start
+        timing = torch.tensor([self.wait, elapsed], dtype=torch.float64, device=self.device)
+        loss_sum, top1, top5, clips, wait, busy = distributed.all_reduce_sum(torch.cat([self.sums, timing])).tolist()
+        self.reset()
+        return {"loss": loss_sum / clips, "top1": top1 / clips, "top5": top5 / clips,
+                "clips_per_s": clips / (busy / self.world_size), "data_wait": wait / busy}
+
+
+class MetricsLog:
+    """Rank 0's ``metrics.jsonl`` and TensorBoard events; a no-op on the other ranks."""
+
+    def __init__(self, out: Path, enabled: bool, resumed_step: int) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out / "metrics.jsonl"
+        if self.path.exists():  # rows a killed run wrote after its last checkpoint are redone
+            rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+            self.path.write_text("".join(row + "\n" for row in rows))
+        self.file = self.path.open("a")
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
+
+    def write(self, group: str, step: int, epoch: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        prefix = "" if group == "train" else f"{group}_"
+        row = {"step": step, "epoch": epoch, **{prefix + k: round(v, 6) for k, v in values.items()}, "time": round(time.time(), 3)}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        for key, value in values.items():
+            self.tensorboard.add_scalar(f"{group}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tensorboard.close()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """The parts of a training run that the loop needs."""
+
+    cfg: RunConfig
+    ranks: Ranks
+    plan: BatchPlan
+    model: FusionClassifier
+    engine: Any
+    train_set: ShardSet
+    val_set: ShardSet
+    steps_per_epoch: int
+    total_steps: int
+    out: Path
+    ds_config: dict[str, Any]
+    metrics: MetricsLog | None = None  # set once the resume step is known
+    last_saved: int = -1
+    last_validated: int = -1
+
+    @property
+    def step(self) -> int:
+        return self.engine.global_steps
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.plan.accumulation
+
+    def log(self, message: str) -> None:
+        if self.ranks.is_main:
+            tqdm.write(message)
+
+    def layout(self) -> dict[str, Any]:
+        """What the data order depends on beyond the epoch: a resumed run must match it."""
+        return {"world_size": self.plan.world_size, "micro_batch": self.plan.micro, "accumulation": self.plan.accumulation,
+                "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed, "train_samples": self.train_set.num_samples}
+
+
+def train_micro_batch(run: Run, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward the frozen backbones, then forward/backward/step the head; (loss, logits, labels)."""
+    torch.manual_seed(seed)
+    clips = batch["clips"].to(run.ranks.device, non_blocking=True)
+    labels = batch["labels"].to(run.ranks.device, non_blocking=True)
+    semantic, motion = run.model.features(clips)  # (B, T, Ds), (B, T', Dm), fp32, no grad
+    dtype = next(run.engine.module.parameters()).dtype  # bf16 when ds.json's bf16 is on
+    logits = run.engine(semantic.to(dtype), motion.to(dtype)).float()
+    loss = F.cross_entropy(logits, labels, label_smoothing=run.cfg.train.label_smoothing)
+    run.engine.backward(loss)
+    run.engine.step()
+    return loss, logits, labels
+
+
+@torch.no_grad()
+def validate(run: Run, epoch: int) -> dict[str, float]:
+    """Top-1/top-5 and loss over the whole validation set: each clip on one rank, sums reduced."""
+    head, device = run.engine.module, run.ranks.device
+    head.eval()
+    dtype = next(head.parameters()).dtype
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*B, top-1, top-5, clips
+    batch_size = run.cfg.train.val_batch_size or run.plan.micro
+    loader = val_loader(run.cfg.data, run.val_set, batch_size=batch_size, rank=run.ranks.rank, world_size=run.ranks.world_size, device=device)
+    for batch in tqdm(loader, desc="validate", leave=False, disable=not run.ranks.is_main):
+        labels = batch["labels"].to(device)
+        labelled = labels >= 0
+        if not labelled.any():
+            continue
+        semantic, motion = run.model.features(batch["clips"].to(device)[labelled])
+        labels = labels[labelled]
+        logits = head(semantic.to(dtype), motion.to(dtype)).float()
+        top1, top5 = topk_correct(logits, labels)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    head.train()
+    loss_sum, top1, top5, clips = distributed.all_reduce_sum(sums).tolist()
+    if clips == 0:
+        raise ConfigError(f"data.val {run.val_set.url} has no labelled clips to validate on")
+    values = {"loss": loss_sum / clips, "top1": top1 / clips, "top5": top5 / clips, "clips": clips}
+    run.metrics.write("val", run.step, epoch, values)
+    run.log(f"validation after step {run.step} (epoch {epoch}): top-1 {values['top1']:.4f}  top-5 {values['top5']:.4f}  "
+            f"loss {values['loss']:.4f}  ({int(clips)} clips)")
+    run.last_validated = run.step
+    return values
+
+
+def checkpoint(run: Run, position: Position) -> None:
+    state = {"position": dataclasses.asdict(position), "layout": run.layout(), "config": to_dict(run.cfg),
+             "ds_config": run.ds_config, "last_validated": run.last_validated}
+    tag = distributed.save_checkpoint(run.engine, run.out, run.step, state, keep=run.cfg.train.keep_checkpoints, is_main=run.ranks.is_main)
+    run.last_saved = run.step
+    run.log(f"checkpoint {run.out / distributed.CHECKPOINTS / tag} (epoch {position.epoch}, batch {position.batch})")
+
+
+def fit(run: Run, position: Position) -> None:
+    """Train from ``position`` until ``total_steps``: validate and checkpoint every epoch,
+    checkpoint every ``checkpoint_every`` steps, log every ``log_every`` steps."""
+    cfg, engine, ranks = run.cfg, run.engine, run.ranks
+    meter = Meter(ranks.device, ranks.world_size)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not ranks.is_main, dynamic_ncols=True)
+    for epoch in range(position.epoch, cfg.train.epochs):
+        if run.step >= run.total_steps:
+            break
+        first = position.batch if epoch == position.epoch else 0
+        batches = iter(train_loader(cfg.data, run.train_set, batch_size=run.plan.micro, rank=ranks.rank, world_size=ranks.world_size,
+                                    epoch=epoch, seed=cfg.train.seed, skip_batches=first, device=ranks.device))
+        index = first
+        while index < run.batches_per_epoch and run.step < run.total_steps:
+            with meter.waiting():
+                batch = next(batches)
+            meter.add(*train_micro_batch(run, batch, step_seed(cfg.train.seed, ranks.rank, epoch, index)))
+            index += 1
+            if index % run.plan.accumulation:
+                continue
+            bar.update(1)
+            position = Position(epoch, index)
+            if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+                values = {**meter.reduce(), "lr": engine.get_lr()[0]}
+                run.metrics.write("train", run.step, epoch, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", clips_s=f"{values['clips_per_s']:.1f}")
+            if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 and index < run.batches_per_epoch:
+                checkpoint(run, position)
+        del batches  # stop this epoch's loader workers before validation starts its own
+        if index == run.batches_per_epoch:
+            position = Position(epoch + 1, 0)
+            validate(run, epoch)
+            checkpoint(run, position)
+    bar.close()
+    if run.last_validated != run.step:
+        validate(run, position.epoch)
+    if run.last_saved != run.step:
+        checkpoint(run, position)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def prepare_out(out: Path, resume: bool) -> None:
+    if not resume and distributed.latest_tag(out) is not None:
+        raise ConfigError(f"--out {out} already holds a run (checkpoints/latest): pass --resume to continue it, or choose another --out")
+
+
+def restore(run: Run) -> Position:
+    """Load the latest checkpoint in ``run.out`` (if any) and return the data position to go on from."""
+    state = distributed.load_checkpoint(run.engine, run.out)
+    if state is None:
+        run.log(f"--resume: no checkpoint in {run.out}; starting from the beginning")
+        return Position()
+    saved, now = state["layout"], run.layout()
+    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved.get(key) != now[key]]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run.out} exactly: {', '.join(changed)}; the data order depends on these, so resume with the "
+            "values the run started with (or start a new --out)"
+        )
+    if state["config"]["model"] != to_dict(run.cfg.model):
+        raise ConfigError(f"cannot resume {run.out}: its model config differs from this one; resume with the run's config ({run.out}/config.yaml)")
+    run.last_saved = run.step
+    run.last_validated = state.get("last_validated", -1)
+    position = Position(**state["position"])
+    run.log(f"resumed {run.out} at step {run.step}: epoch {position.epoch}, {position.batch} micro-batches into it")
+    return position
+
+
+def setup(args: argparse.Namespace, cfg: RunConfig) -> tuple[Run, Position]:
+    """Check everything that can be checked before the process group forms, then build the run."""
+    rank, world_size, _, _ = distributed.rendezvous_environment(args.local_rank)
+    main_rank = rank == 0
+    say = print if main_rank else (lambda *a, **k: None)
+    chosen = "" if args.config_chosen else f" (the default {'with' if torch.cuda.is_available() else 'without'} CUDA; pass --config to choose)"
+    say(f"config: {args.config}{chosen}")
+    train_set, val_set = open_data(cfg)
+    ds_json = distributed.read_ds_config(args.deepspeed)
+    plan = distributed.batch_plan(ds_json, world_size)
+    per_epoch = steps_per_epoch(train_set, plan)
+    steps = total_steps(cfg.train, per_epoch)
+    prepare_out(args.out, args.resume)
+
+    ranks = distributed.init_distributed(args.local_rank)
+    gpu = distributed.on_gpu(ranks)
+    ds_config = distributed.adapt_ds_config(ds_json, total_steps=steps, gpu=gpu, log=say)
+    say(f"{world_size} rank(s) on {ranks.device.type}, {torch.get_num_threads()} CPU thread(s) each; batch {plan.micro} per rank x "
+        f"{plan.accumulation} accumulation x {world_size} = {plan.global_batch} clips per step; {per_epoch} steps per epoch, {steps} in all")
+    say(f"data: {train_set.num_samples} training clips at {cfg.data.train}, {val_set.num_samples} validation clips at {cfg.data.val}")
+
+    torch.manual_seed(cfg.train.seed)  # the same head initialisation on every rank
+    model = build_model(cfg.model, ranks.device)
+    say(format_report(parameter_report(model)))
+    engine = distributed.wrap_head(model.head, ds_config)
+    if main_rank:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (args.out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        (args.out / "parameters.json").write_text(json.dumps(parameter_report(model), indent=2) + "\n")
+    distributed.barrier()
+    run = Run(cfg=cfg, ranks=ranks, plan=plan, model=model, engine=engine, train_set=train_set, val_set=val_set,
+              steps_per_epoch=per_epoch, total_steps=steps, out=args.out, ds_config=ds_config)
+    position = restore(run) if args.resume else Position()
+    run.metrics = MetricsLog(args.out, main_rank, run.step)
+    return run, position
+
+
+def export_head(run: Run) -> Path:
+    """``OUT/head.pt``: the head's fp32 weights and the model config, for evaluation tools."""
+    state = distributed.full_fp32_state_dict(run.engine)  # collective: every rank
+    path = run.out / "head.pt"
+    if run.ranks.is_main:
+        torch.save({"model": to_dict(run.cfg.model), "head": state, "step": run.step}, path)
+        run.log(f"head weights: {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, cfg = parse_command_line(argv)
+        run, position = setup(args, cfg)
+    except (ConfigError, storage.StorageError, FileNotFoundError, ValueError) as error:
+        print(f"launch/train.py: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        fit(run, position)
+        export_head(run)
+    finally:
+        if run.metrics is not None:
+            run.metrics.close()
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
