@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from launch import distributed  # first: sets DeepSpeed's environment before anything imports it
 from fusion.config import ConfigError, load, option, render_help, to_dict
-from fusion.data import DataConfig, ShardSet, batches_per_rank, train_loader, val_loader
+from fusion.data import ERROR_KEYS, DataConfig, Loader, ShardSet, batches_per_rank, train_loader, val_loader
 from fusion.model import FusionClassifier, ModelConfig, build_model, format_report, parameter_report
 from launch.distributed import BatchPlan, Ranks
 from sharding import storage
@@ -332,6 +332,7 @@ def validate(run: Run, epoch: int) -> dict[str, float]:
         loss = F.cross_entropy(logits, labels, reduction="sum")
         sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
     head.train()
+    record_data_errors(run, "val_data", epoch, loader)
     loss_sum, top1, top5, clips = distributed.all_reduce_sum(sums).tolist()
     if clips == 0:
         raise ConfigError(f"data.val {run.val_set.url} has no labelled clips to validate on")
@@ -341,6 +342,16 @@ def validate(run: Run, epoch: int) -> dict[str, float]:
             f"loss {values['loss']:.4f}  ({int(clips)} clips)")
     run.last_validated = run.step
     return values
+
+
+def record_data_errors(run: Run, group: str, epoch: int, loader: Loader) -> None:
+    """Skipped samples and shards, retries and refills of a loader, summed over ranks: the
+    loader skips bad data instead of stopping, so this row is where it is counted."""
+    counts = torch.tensor([float(loader.stats[key]) for key in ERROR_KEYS], dtype=torch.float64, device=run.ranks.device)
+    errors = dict(zip(ERROR_KEYS, distributed.all_reduce_sum(counts).tolist()))
+    run.metrics.write(group, run.step, epoch, errors)
+    if any(errors.values()):
+        run.log(f"{group} epoch {epoch}: " + ", ".join(f"{int(v)} {k.replace('_', ' ')}" for k, v in errors.items() if v))
 
 
 def checkpoint(run: Run, position: Position) -> None:
@@ -361,8 +372,9 @@ def fit(run: Run, position: Position) -> None:
         if run.step >= run.total_steps:
             break
         first = position.batch if epoch == position.epoch else 0
-        batches = iter(train_loader(cfg.data, run.train_set, batch_size=run.plan.micro, rank=ranks.rank, world_size=ranks.world_size,
-                                    epoch=epoch, seed=cfg.train.seed, skip_batches=first, device=ranks.device))
+        loader = train_loader(cfg.data, run.train_set, batch_size=run.plan.micro, rank=ranks.rank, world_size=ranks.world_size,
+                              epoch=epoch, seed=cfg.train.seed, skip_batches=first, device=ranks.device)
+        batches = iter(loader)
         index = first
         while index < run.batches_per_epoch and run.step < run.total_steps:
             with meter.waiting():
@@ -380,6 +392,7 @@ def fit(run: Run, position: Position) -> None:
             if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 and index < run.batches_per_epoch:
                 checkpoint(run, position)
         del batches  # stop this epoch's loader workers before validation starts its own
+        record_data_errors(run, "train_data", epoch, loader)
         if index == run.batches_per_epoch:
             position = Position(epoch + 1, 0)
             validate(run, epoch)

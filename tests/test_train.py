@@ -172,11 +172,31 @@ def upload(client, folder: Path, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+def with_one_corrupt_frame(folder: Path, tmp_path: Path) -> Path:
+    """A copy of a shard folder whose first sample has one frame that is not a JPEG."""
+    import shutil
+
+    import webdataset as wds
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(folder, copy)
+    shard = copy / json.loads((copy / "manifest.json").read_text())["shards"][0]["name"]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+    with wds.TarWriter(str(shard), encoder=False) as writer:
+        for index, sample in enumerate(samples):
+            sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
+            if index == 0:
+                sample["003.jpg"] = b"\xff\xd8 not a jpeg"
+            writer.write(sample)
+    return copy
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", [torchrun, deepspeed_launcher], ids=["torchrun", "deepspeed"])
 def test_two_ranks_train_from_a_bucket(launcher, s3_server, s3_env, synthetic_shards, tmp_path):
     client = s3_server.client()
-    train_url = upload(client, synthetic_shards / "train", s3_env, "ssv2/train")
+    # one training clip does not decode: it is skipped, counted, and the ranks stay in step
+    train_url = upload(client, with_one_corrupt_frame(synthetic_shards / "train", tmp_path), s3_env, "ssv2/train")
     val_url = upload(client, synthetic_shards / "validation", s3_env, "ssv2/validation")
     out = tmp_path / "run"
     result = train(launcher(2), "--deepspeed", str(small_ds_json(tmp_path)), *SMALL, "--data.train", train_url, "--data.val", val_url,
@@ -189,6 +209,9 @@ def test_two_ranks_train_from_a_bucket(launcher, s3_server, s3_env, synthetic_sh
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert distributed.latest_tag(out) == "step00000012"
     assert (out / "checkpoints" / "step00000012").is_dir() and (out / "head.pt").is_file()
+    data_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "train_data_corrupt_samples" in line]
+    assert len(data_rows) == 4 and all(r["train_data_corrupt_samples"] >= 1 for r in data_rows)  # every epoch meets it
+    assert "corrupt samples" in result.stdout
     assert list((out / "tensorboard").iterdir())
 
 
