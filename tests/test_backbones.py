@@ -409,3 +409,16 @@ def test_config_rejects_unknown_names() -> None:
         MotionConfig(name="slowfast")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="size"):
         build_motion(MotionConfig(), "large")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "clip_vitb16", "vit_s16_sup"])
+def test_random_semantic_backbone_still_sees_its_input(name):
+    # DINOv2's LayerScale init (1e-5) would make a random frozen ViT return the same class token
+    # for every frame; tests and the demo train on random backbones, so features must differ.
+    with pytest.warns(RandomWeightsWarning):
+        model = build_semantic(SemanticConfig(name=name, img_size=56), "debug")
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, 256, (1, 2, 3, 56, 56), dtype=torch.uint8, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        a, b = model(first), model(second)
+    assert (a - b).abs().mean() > 1e-3 * a.abs().mean()  # LayerScale 1e-5 gives ~1e-6

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import timm
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
@@ -109,6 +110,15 @@ def build_vit(cfg: SemanticConfig, size: str) -> FrameViT:
     vit = timm.create_model(
         VARIANTS[cfg.name].timm_name, pretrained=False, num_classes=0, img_size=cfg.img_size, **arch
     )
+    if cfg.weights is None:
+        # DINOv2's LayerScale starts at 1e-5, which is right for training from scratch but makes
+        # a random, frozen ViT ignore its input (every residual branch is scaled to ~0: the
+        # class token comes out the same for every frame). A random backbone only serves tests
+        # and the demo, where its features must still carry the image; a weight file
+        # overwrites the scales anyway.
+        for module in vit.modules():
+            if isinstance(module, LayerScale):
+                nn.init.ones_(module.gamma)
     model = FrameViT(cfg.name, vit, cfg.img_size, cfg.patch_tokens)
     model.finish(cfg.name, cfg.weights, semantic_filter, target=vit)
     return model
