@@ -24,7 +24,8 @@ from pathlib import Path
 import av
 
 from sharding import make_shards
-from sharding.make_shards import LABELS_SUBDIR, VIDEOS_SUBDIR, find_video
+from sharding.make_shards import find_video
+from sharding.ssv2 import LABELS_DIR, VIDEOS_DIR
 
 # A synthetic set big enough (200 clips) that pool start-up is a small part of a timed run.
 SYNTHETIC_TRAIN_PER_CLASS = 20
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shard-bench-") as scratch:
         scratch = Path(scratch)
         root = Path(args.root) if args.root else _synthetic_root(scratch)
-        entries = json.loads((root / LABELS_SUBDIR / f"{args.split}.json").read_text())[: args.limit]
-        videos = [find_video(root / VIDEOS_SUBDIR, str(entry["id"])) for entry in entries]
+        entries = json.loads((root / LABELS_DIR / f"{args.split}.json").read_text())[: args.limit]
+        videos = [find_video(root / VIDEOS_DIR, str(entry["id"])) for entry in entries]
         videos = [path for path in videos if path.exists()]
 
         floor = one = many = 0.0

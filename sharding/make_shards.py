@@ -52,11 +52,10 @@ from sharding.annotations import (
     read_split,
     templates_in_id_order,
 )
+from sharding.ssv2 import LABELS_DIR, VIDEOS_DIR
 from sharding.video import VideoError, decode_sampled, encode_jpeg
 
 FORMAT = "ssv2-frames/1"
-LABELS_SUBDIR = "labels"
-VIDEOS_SUBDIR = "20bn-something-something-v2"
 VIDEO_EXTENSIONS = (".webm", ".mp4")
 RECORDS_SUBDIR = "records"
 MANIFEST_NAME = "manifest.json"
@@ -177,8 +176,8 @@ def prepare(args: argparse.Namespace) -> Job:
     root = Path(args.root)
     if not root.is_dir() and not (args.labels and args.videos):
         raise InputError(f"SSv2 root not found: {root}")
-    labels_dir = Path(args.labels) if args.labels else root / LABELS_SUBDIR
-    videos_dir = Path(args.videos) if args.videos else root / VIDEOS_SUBDIR
+    labels_dir = Path(args.labels) if args.labels else root / LABELS_DIR
+    videos_dir = Path(args.videos) if args.videos else root / VIDEOS_DIR
     label_map = read_label_map(labels_dir)
     entries = read_split(labels_dir, args.split)
     if args.limit is not None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 from importlib import resources
 
 NUM_CLASSES = 174
+LABELS_DIR = "labels"
+"""Where an SSv2 root keeps labels.json, train.json, validation.json and test.json."""
+VIDEOS_DIR = "20bn-something-something-v2"
+"""Where an SSv2 root keeps the ``<id>.webm`` clips."""
 
 
 def _read_templates() -> tuple[str, ...]:

@@ -44,10 +44,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from sharding.ssv2 import NUM_CLASSES, TEMPLATES, template_key
+from sharding.ssv2 import LABELS_DIR, NUM_CLASSES, TEMPLATES, VIDEOS_DIR, template_key
 
-VIDEO_DIR = "20bn-something-something-v2"
-LABELS_DIR = "labels"
 SPLITS = ("train", "validation", "test")
 
 # Widths seen in SSv2 at 240 px height (4:3, 352x240 and 16:9); the width says nothing of the class.
@@ -634,11 +632,11 @@ def generate(
         raise ValueError(f"need 0 < min_seconds <= max_seconds, got {min_seconds} and {max_seconds}")
     if fps < 1 or height < 32 or height % 2:
         raise ValueError(f"need fps >= 1 and an even height >= 32, got fps={fps}, height={height}")
-    existing = [out / LABELS_DIR, out / VIDEO_DIR]
+    existing = [out / LABELS_DIR, out / VIDEOS_DIR]
     if any(p.exists() for p in existing):
         if not overwrite:
             raise FileExistsError(
-                f"{out} already holds a dataset (labels/ or {VIDEO_DIR}/); choose an empty folder or pass overwrite"
+                f"{out} already holds a dataset (labels/ or {VIDEOS_DIR}/); choose an empty folder or pass overwrite"
             )
         for p in existing:
             shutil.rmtree(p, ignore_errors=True)
@@ -655,7 +653,7 @@ def generate(
         fps=fps,
         height=height,
     )
-    video_dir = out / VIDEO_DIR
+    video_dir = out / VIDEOS_DIR
     video_dir.mkdir(parents=True, exist_ok=True)
     workers = min(workers or os.cpu_count() or 1, max(1, len(plans)))
     if workers == 1:

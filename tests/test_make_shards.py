@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -363,7 +364,8 @@ def test_kill_9_then_rerun_keeps_finished_shards(synthetic_root, tmp_path):
     killed_out = tmp_path / "killed"
 
     script = [sys.executable, "sharding/make_shards.py", *args, "--out", str(killed_out)]
-    process = subprocess.Popen(script, cwd=REPO_ROOT)
+    # a killed run cannot remove its scratch folder: keep it inside the test's tmp_path
+    process = subprocess.Popen(script, cwd=REPO_ROOT, env=dict(os.environ, TMPDIR=str(tmp_path)))
     deadline = time.monotonic() + 120
     while not list(killed_out.glob("shard-*.tar")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

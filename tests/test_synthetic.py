@@ -15,7 +15,8 @@ import pytest
 
 from sharding import synthetic
 from sharding.ssv2 import NUM_CLASSES, TEMPLATES, template_key
-from sharding.synthetic import LABELS_DIR, VIDEO_DIR, WIDTHS, generate
+from sharding.ssv2 import LABELS_DIR, VIDEOS_DIR
+from sharding.synthetic import WIDTHS, generate
 
 # Left/right, up/down pushes and camera pans: the motion checks below need each of them.
 CLASSES = [93, 94, 45, 43, 166, 167]
@@ -73,11 +74,11 @@ def test_layout_and_json_schema(small_root: Path) -> None:
     ids += [entry["id"] for entry in test]
 
     assert all(i.isdigit() for i in ids) and len(set(ids)) == len(ids)
-    assert sorted(p.name for p in (small_root / VIDEO_DIR).iterdir()) == sorted(f"{i}.webm" for i in ids)
+    assert sorted(p.name for p in (small_root / VIDEOS_DIR).iterdir()) == sorted(f"{i}.webm" for i in ids)
 
 
 def test_clips_have_ssv2_video_format(small_root: Path) -> None:
-    for path in sorted((small_root / VIDEO_DIR).glob("*.webm")):
+    for path in sorted((small_root / VIDEOS_DIR).glob("*.webm")):
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             assert container.format.name.split(",")[0] in ("matroska", "webm")
@@ -94,12 +95,12 @@ def test_same_seed_gives_same_dataset_whatever_the_workers(small_root: Path, tmp
     again = generate(tmp_path / "again", workers=2, progress=False, **SMALL)
     for name in ("labels.json", "train.json", "validation.json", "test.json"):
         assert (again / LABELS_DIR / name).read_bytes() == (small_root / LABELS_DIR / name).read_bytes()
-    clips = sorted((small_root / VIDEO_DIR).glob("*.webm"))
-    assert sorted(p.name for p in (again / VIDEO_DIR).iterdir()) == [p.name for p in clips]
+    clips = sorted((small_root / VIDEOS_DIR).glob("*.webm"))
+    assert sorted(p.name for p in (again / VIDEOS_DIR).iterdir()) == [p.name for p in clips]
     for path in clips:
-        assert (again / VIDEO_DIR / path.name).read_bytes() == path.read_bytes(), path.name
+        assert (again / VIDEOS_DIR / path.name).read_bytes() == path.read_bytes(), path.name
     for path in clips[:3]:  # equal bytes already imply equal frames; decode a few to show it
-        np.testing.assert_array_equal(_decode(again / VIDEO_DIR / path.name), _decode(path))
+        np.testing.assert_array_equal(_decode(again / VIDEOS_DIR / path.name), _decode(path))
 
 
 def test_another_seed_gives_another_dataset(small_root: Path, tmp_path: Path) -> None:
@@ -108,8 +109,8 @@ def test_another_seed_gives_another_dataset(small_root: Path, tmp_path: Path) ->
     ours = [e for e in _load(small_root, "train.json") if e["template"] == "Pushing [something] from left to right"][0]
     theirs = _load(other, "train.json")[0]
     assert theirs != ours
-    frames_ours = _decode(small_root / VIDEO_DIR / f"{ours['id']}.webm")
-    frames_theirs = _decode(other / VIDEO_DIR / f"{theirs['id']}.webm")
+    frames_ours = _decode(small_root / VIDEOS_DIR / f"{ours['id']}.webm")
+    frames_theirs = _decode(other / VIDEOS_DIR / f"{theirs['id']}.webm")
     assert frames_ours.shape != frames_theirs.shape or not np.array_equal(frames_ours, frames_theirs)
 
 
@@ -132,7 +133,7 @@ def test_mean_colour_does_not_predict_the_class(small_root: Path) -> None:
     """Leave-one-out nearest neighbour on each clip's mean RGB: far from a perfect classifier."""
     labels = _load(small_root, "labels.json")
     entries = _labelled(small_root)
-    colours = np.stack([_decode(small_root / VIDEO_DIR / f"{e['id']}.webm").reshape(-1, 3).mean(0) for e in entries])
+    colours = np.stack([_decode(small_root / VIDEOS_DIR / f"{e['id']}.webm").reshape(-1, 3).mean(0) for e in entries])
     classes = np.array([_label_id(labels, e) for e in entries])
     distances = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
     np.fill_diagonal(distances, np.inf)
@@ -176,7 +177,7 @@ def test_motion_is_visible_in_decoded_frames(small_root: Path) -> None:
     labels = _load(small_root, "labels.json")
     for entry in _labelled(small_root):
         label = _label_id(labels, entry)
-        frames = _decode(small_root / VIDEO_DIR / f"{entry['id']}.webm")
+        frames = _decode(small_root / VIDEOS_DIR / f"{entry['id']}.webm")
         h, w = frames.shape[1:3]
         if label in (CAMERA_LEFT, CAMERA_RIGHT):
             # The whole scene slides: turning the camera left moves it right, and vice versa.
@@ -242,7 +243,7 @@ def test_classes_by_id_or_template_and_clear_errors(tmp_path: Path) -> None:
         generate(out, workers=1, progress=False, **tiny)
     generate(out, workers=1, progress=False, overwrite=True, **{**tiny, "classes": [139]})
     assert _load(out, "train.json")[0]["template"] == "Spinning [something] so it continues spinning"
-    assert len(list((out / VIDEO_DIR).iterdir())) == 1
+    assert len(list((out / VIDEOS_DIR).iterdir())) == 1
 
 
 def test_cli_help_and_run(tmp_path: Path, capsys) -> None:
@@ -256,5 +257,5 @@ def test_cli_help_and_run(tmp_path: Path, capsys) -> None:
     code = synthetic.main(["--out", str(tmp_path / "cli"), "--classes", "139", *sizes, "--workers", "1"])
     summary = capsys.readouterr().out
     assert code == 0 and "1 train / 1 validation / 1 test" in summary and str(tmp_path / "cli") in summary
-    assert len(list((tmp_path / "cli" / VIDEO_DIR).glob("*.webm"))) == 3
+    assert len(list((tmp_path / "cli" / VIDEOS_DIR).glob("*.webm"))) == 3
     assert synthetic.main(["--out", str(tmp_path / "bad"), "--classes", "5"]) == 2
