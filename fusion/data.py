@@ -283,6 +283,8 @@ def _read_segment(shardset: ShardSet, segment: Segment, retries: int, errors: Co
             errors["corrupt_shards"] += 1
             log.warning("skipping the rest of shard %s from sample %d: %s", url, position, error)
             return
+        except storage.StorageAccessError:
+            raise  # refused credentials (e.g. expired mid-run): skipping every shard would train on nothing
         except Exception as error:  # transient: network, throttling beyond botocore's retries
             attempt += 1
             if attempt > retries:
@@ -591,6 +593,10 @@ class Loader:
     def _decode_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         encoded = batch.pop("encoded")
         device = self.device or torch.device("cuda")
+        size, steps = self.cfg.crop_size, self.dataset.shardset.frames
+        if not encoded:  # a short validation lane's empty last batch
+            batch["clips"] = torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device)
+            return batch
         try:
             batch["clips"] = decode_on_device(encoded, self.cfg.crop_size, device)
             return batch
@@ -601,22 +607,32 @@ class Loader:
             try:
                 clips.append(decode_on_device([clip], self.cfg.crop_size, device)[0])
                 keep.append(index)
-            except RuntimeError as error:
+                continue
+            except RuntimeError:
+                pass
+            try:  # nvJPEG refuses some files libjpeg-turbo reads (e.g. unusual subsampling)
+                clips.append(_decode_jpegs_on_cpu(clip, self.cfg.crop_size).to(device))
+                keep.append(index)
+            except ValueError as error:
                 self.stats["corrupt_samples"] += 1
-                log.warning("skipping sample %s: JPEG frames do not decode on %s: %s", batch["keys"][index], device, error)
+                log.warning("skipping sample %s: JPEG frames do not decode: %s", batch["keys"][index], error)
         batch["keys"] = [batch["keys"][i] for i in keep]
         batch["labels"] = batch["labels"][keep]
-        batch["clips"] = torch.stack(clips) if clips else torch.empty((0, 0, 3, self.cfg.crop_size, self.cfg.crop_size), dtype=torch.uint8, device=device)
+        batch["clips"] = torch.stack(clips) if clips else torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device)
         return batch
 
 
+def _decode_jpegs_on_cpu(clip: dict[str, Any], size: int) -> torch.Tensor:
+    """The CPU fallback of :func:`decode_on_device` for one clip; ValueError if it does not decode."""
+    pixels = np.stack([simplejpeg.decode_jpeg(jpeg.numpy().tobytes(), colorspace="RGB") for jpeg in clip["jpegs"]])
+    return _cut(torch.from_numpy(pixels).permute(0, 3, 1, 2), clip["view"], size)
+
+
 def decode_on_device(encoded: list[dict[str, Any]], size: int, device: torch.device) -> torch.Tensor:
-    """JPEG bytes of a batch -> uint8 ``[B, T, 3, S, S]`` on ``device`` (one decode call, so
-    nvJPEG decodes the whole batch at once on CUDA)."""
+    """JPEG bytes of a non-empty batch -> uint8 ``[B, T, 3, S, S]`` on ``device`` (one decode
+    call, so nvJPEG decodes the whole batch at once on CUDA)."""
     from torchvision.io import decode_jpeg
 
-    if not encoded:
-        return torch.empty((0, 0, 3, size, size), dtype=torch.uint8, device=device)
     flat = [jpeg for clip in encoded for jpeg in clip["jpegs"]]
     frames = decode_jpeg(flat, device=device)
     per_clip = len(encoded[0]["jpegs"])

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     run(
         [py, "launch/train.py", "--deepspeed", "ds.json", "--config", "launch/configs/debug.yaml",
          "--data.train", str(shards / "train"), "--data.val", str(shards / "validation"),
-         "--out", args.out, *train_args]
+         "--out", args.out, "--resume", *train_args]  # a rerun continues (or just reports) the last one
     )
 
     out = REPO / args.out

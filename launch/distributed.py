@@ -291,10 +291,27 @@ def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, A
 
 def load_checkpoint(engine: Any, out: Path) -> dict[str, Any] | None:
     """Restore the newest complete checkpoint under ``out`` into ``engine``; its client state,
-    or None when there is none."""
+    or None when there is none.
+
+    Rank 0's ``latest`` decides for every rank: were each rank to read its own, a node whose
+    ``--out`` is not the shared folder would see no checkpoint and start over while the others
+    resume, and the collectives would hang. Every rank must see the chosen checkpoint, or all
+    stop with the reason.
+    """
     tag = latest_tag(out)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [tag]
+        dist.broadcast_object_list(shared, src=0)
+        tag = shared[0]
     if tag is None:
         return None
+    device = get_accelerator().current_device_name()
+    missing = all_reduce_sum(torch.tensor([0.0 if (checkpoint_dir(out) / tag).is_dir() else 1.0], device=device))
+    if missing.item():
+        raise ConfigError(
+            f"checkpoint {checkpoint_dir(out) / tag} is missing on {int(missing.item())} rank(s): --out must be a folder "
+            "that every node shares (e.g. a network filesystem)"
+        )
     path, client_state = engine.load_checkpoint(str(checkpoint_dir(out)), tag=tag)
     if path is None:
         raise ConfigError(f"checkpoint {checkpoint_dir(out) / tag} could not be loaded (incomplete?): delete it and fix {LATEST}")

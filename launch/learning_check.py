@@ -4,11 +4,13 @@
         [--variants xattn semantic_only motion_only] [--views 2] [--epochs 250] [--seeds 0 1] [--json FILE]
 
 The demo's dataset (20 clips a class) is too small for the check to pass; what passed here
-(2-core CPU, random debug backbones, about 4 min to generate, 40 s to cache, 9 min to train):
+(2-core CPU, random debug backbones; 83 s to generate and shard, 31 s to cache the features, about
+9 min to train the three variants with two seeds each):
 
     python -m sharding.synthetic --out data/learning/raw --train-per-class 60 --val-per-class 10 --test 0
     for s in train validation; do python sharding/make_shards.py --root data/learning/raw --split $s --out data/learning/shards/$s; done
-    python launch/learning_check.py --data.train data/learning/shards/train --data.val data/learning/shards/validation
+    python launch/learning_check.py --data.train data/learning/shards/train --data.val data/learning/shards/validation \
+        --variants xattn semantic_only motion_only
 
 The frozen backbones are deterministic, so their features are computed once and cached in
 memory: ``--views`` randomly cropped passes over the training shards (the training loader's

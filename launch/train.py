@@ -46,6 +46,7 @@ import yaml
 from tqdm import tqdm
 
 from launch import distributed  # first: sets DeepSpeed's environment before anything imports it
+from fusion.backbones.weights import WeightsError
 from fusion.config import ConfigError, load, option, render_help, to_dict
 from fusion.data import ERROR_KEYS, DataConfig, Loader, ShardSet, batches_per_rank, train_loader, val_loader
 from fusion.model import FusionClassifier, ModelConfig, build_model, format_report, parameter_report
@@ -206,6 +207,13 @@ class Meter:
         self.start = time.perf_counter()
 
     @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (validation, checkpoints) counts neither as training nor as waiting."""
+        start = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - start
+
+    @contextmanager
     def waiting(self) -> Iterator[None]:
         start = time.perf_counter()
         yield
@@ -225,6 +233,14 @@ class Meter:
                 "clips_per_s": clips / (busy / self.world_size), "data_wait": wait / busy}
 
 
+def _step_of(row: str) -> float:
+    """The step of a metrics.jsonl row; a row torn by a kill counts as past any checkpoint."""
+    try:
+        return json.loads(row)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     """Rank 0's ``metrics.jsonl`` and TensorBoard events; a no-op on the other ranks."""
 
@@ -236,7 +252,7 @@ class MetricsLog:
 
         self.path = out / "metrics.jsonl"
         if self.path.exists():  # rows a killed run wrote after its last checkpoint are redone
-            rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+            rows = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resumed_step]
             self.path.write_text("".join(row + "\n" for row in rows))
         self.file = self.path.open("a")
         self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
@@ -305,7 +321,10 @@ def train_micro_batch(run: Run, batch: dict[str, Any], seed: int) -> tuple[torch
     semantic, motion = run.model.features(clips)  # (B, T, Ds), (B, T', Dm), fp32, no grad
     dtype = next(run.engine.module.parameters()).dtype  # bf16 when ds.json's bf16 is on
     logits = run.engine(semantic.to(dtype), motion.to(dtype)).float()
-    loss = F.cross_entropy(logits, labels, label_smoothing=run.cfg.train.label_smoothing)
+    # A sum over max(1, B) rather than a mean: a batch emptied by undecodable clips (possible
+    # only with GPU decoding) still steps in time with the other ranks, with zero gradients
+    # instead of NaN ones.
+    loss = F.cross_entropy(logits, labels, label_smoothing=run.cfg.train.label_smoothing, reduction="sum") / max(1, len(labels))
     run.engine.backward(loss)
     run.engine.step()
     return loss, logits, labels
@@ -390,13 +409,15 @@ def fit(run: Run, position: Position) -> None:
                 run.metrics.write("train", run.step, epoch, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", clips_s=f"{values['clips_per_s']:.1f}")
             if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 and index < run.batches_per_epoch:
-                checkpoint(run, position)
+                with meter.paused():
+                    checkpoint(run, position)
         del batches  # stop this epoch's loader workers before validation starts its own
         record_data_errors(run, "train_data", epoch, loader)
         if index == run.batches_per_epoch:
             position = Position(epoch + 1, 0)
-            validate(run, epoch)
-            checkpoint(run, position)
+            with meter.paused():
+                validate(run, epoch)
+                checkpoint(run, position)
     bar.close()
     if run.last_validated != run.step:
         validate(run, position.epoch)
@@ -487,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, cfg = parse_command_line(argv)
         run, position = setup(args, cfg)
-    except (ConfigError, storage.StorageError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, storage.StorageError, FileNotFoundError, ValueError, WeightsError) as error:
         print(f"launch/train.py: error: {error}", file=sys.stderr)
         return 2
     try:

@@ -28,6 +28,11 @@ class StorageError(RuntimeError):
     """A store cannot be reached or used; the message names the location and what to check."""
 
 
+class StorageAccessError(StorageError):
+    """The store refused the credentials (none, wrong, expired, or not allowed): retrying
+    cannot help, so readers stop instead of skipping data."""
+
+
 def is_s3_url(url: str | os.PathLike) -> bool:
     return str(url).startswith(S3_SCHEME)
 
@@ -104,14 +109,14 @@ def _s3_errors(url: str):
     try:
         yield
     except NoCredentialsError as error:
-        raise StorageError(f"no S3 credentials for {url}: set {CREDENTIAL_ENV_VARS}") from error
+        raise StorageAccessError(f"no S3 credentials for {url}: set {CREDENTIAL_ENV_VARS}") from error
     except ClientError as error:
         if _is_missing(error):
             raise FileNotFoundError(f"no such object: {url}") from error
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = error.response.get("Error", {}).get("Code")
         message = f"S3 request for {url} failed (HTTP {status} {code}): check {CREDENTIAL_ENV_VARS}"
-        raise StorageError(message) from error
+        raise (StorageAccessError if status in (401, 403) else StorageError)(message) from error
     except (BotoCoreError, S3UploadFailedError) as error:
         raise StorageError(f"S3 request for {url} at {_endpoint_description()} failed: {error}") from error
 
@@ -125,12 +130,12 @@ def check_s3_access(url: str) -> None:
     try:
         s3_client().head_bucket(Bucket=bucket)
     except NoCredentialsError as error:
-        raise StorageError(f"no S3 credentials for {where}: set {CREDENTIAL_ENV_VARS}") from error
+        raise StorageAccessError(f"no S3 credentials for {where}: set {CREDENTIAL_ENV_VARS}") from error
     except ClientError as error:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status == 404:
             raise StorageError(f"{where} does not exist: create it or check AWS_ENDPOINT_URL") from error
-        raise StorageError(f"access to {where} denied (HTTP {status}): check {CREDENTIAL_ENV_VARS}") from error
+        raise StorageAccessError(f"access to {where} denied (HTTP {status}): check {CREDENTIAL_ENV_VARS}") from error
     except BotoCoreError as error:
         raise StorageError(f"cannot reach {where} ({error}): check {CREDENTIAL_ENV_VARS}") from error
 

@@ -357,6 +357,19 @@ def test_reads_shards_from_a_real_s3_bucket(s3_env, s3_server, tmp_path, no_hang
 
 
 @pytest.mark.slow
+def test_refused_credentials_mid_run_stop_the_loader(s3_env, s3_server, tmp_path, monkeypatch, no_hang):
+    write_shards(tmp_path / "shards", [2, 2])
+    client = s3_server.client()
+    for path in sorted((tmp_path / "shards").iterdir()):
+        client.upload_file(str(path), s3_env, f"train/{path.name}")
+    shardset = ShardSet.open(f"s3://{s3_env}/train")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "expired")  # as when a token expires during a run
+    loader = train_loader(DataConfig(num_workers=0, crop_size=16), shardset, batch_size=2, rank=0, world_size=1, epoch=0, seed=0)
+    with pytest.raises(storage.StorageAccessError, match="HTTP 403"):
+        list(loader)
+
+
+@pytest.mark.slow
 def test_s3_errors_are_clear_before_training(s3_env, s3_server, monkeypatch):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         ShardSet.open(f"s3://{s3_env}/nothing-here")
@@ -389,6 +402,16 @@ def test_bytes_only_path_decodes_the_same_clips(even_shards, no_hang):
     for a, b in zip(cpu, raw):
         assert torch.equal(a["labels"], b["labels"])
         assert (a["clips"].int() - b["clips"].int()).abs().max() <= 2
+
+
+def test_bytes_only_path_skips_and_counts_a_clip_that_does_not_decode(damaged_shards, no_hang):
+    shardset, keys = damaged_shards  # keys[1] has a frame whose header parses but whose data does not
+    cfg = DataConfig(num_workers=0, crop_size=16, decode="gpu")
+    loader = val_loader(cfg, shardset, batch_size=2, rank=0, world_size=1, device="cpu")
+    batches = list(loader)
+    seen = [key for batch in batches for key in batch["keys"]]
+    assert keys[1] not in seen and loader.stats["corrupt_samples"] >= 1
+    assert [tuple(b["clips"].shape[1:]) for b in batches] == [(shardset.frames, 3, 16, 16)] * len(batches)
 
 
 @pytest.mark.gpu
