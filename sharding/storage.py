@@ -125,10 +125,17 @@ def check_s3_access(url: str) -> None:
     """Fail early with a clear message if the bucket of ``url`` cannot be used."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    bucket, _ = split_s3_url(url)
+    bucket, prefix = split_s3_url(url)
     where = f"bucket '{bucket}' at {_endpoint_description()}"
     try:
-        s3_client().head_bucket(Bucket=bucket)
+        try:
+            s3_client().head_bucket(Bucket=bucket)
+        except ClientError as error:
+            if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 403:
+                raise
+            # HeadBucket needs s3:ListBucket on the whole bucket; credentials scoped to a
+            # prefix may still read it, so let a listing of the prefix decide.
+            s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
     except NoCredentialsError as error:
         raise StorageAccessError(f"no S3 credentials for {where}: set {CREDENTIAL_ENV_VARS}") from error
     except ClientError as error:

@@ -75,7 +75,8 @@ def _frame_rate(stream) -> float:
 
 
 def _check_not_truncated(container, stream, decoded: int, last_end_s: float | None, fps: float) -> None:
-    if stream.frames and decoded < stream.frames:
+    # MP4 headers may count frames that never decode (edit lists, priming): same tolerance.
+    if stream.frames and decoded < stream.frames - TRUNCATION_TOLERANCE_FRAMES:
         raise VideoError("truncated_video", f"decoded {decoded} of the {stream.frames} frames the header declares")
     if container.duration and last_end_s is not None and fps > 0:
         declared_s = container.duration / av.time_base
