@@ -1,0 +1,1 @@
+"""The model and its data pipeline: frozen backbones (backbones/), the fusion head (heads), the model wrapper and parameter report (model, ``python -m fusion``), the streaming loader (data) and typed configs (config). Never imports torch.distributed or deepspeed."""

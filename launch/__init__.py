@@ -1,0 +1,1 @@
+"""Entry points and distributed glue: train (DeepSpeed ZeRO-2), distributed (ranks, checkpoints), demo, learning_check, and the loader/training benchmarks."""
