@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SHM_OP := $(VENV)/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so
 # DeepSpeed JIT-builds its CPU ops once; keep them beside the venv so every later process
 # (tests, launchers, ranks) reuses the build instead of recompiling for ~70 s.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
@@ -12,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: venv demo test bench clean-data
 
-venv: $(STAMP)
+venv: $(STAMP) $(SHM_OP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +23,13 @@ $(STAMP): pyproject.toml Makefile
 	# deepspeed is an sdist that must see the torch above, hence no build isolation
 	$(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -q -e '.[test]'
-	# build DeepSpeed's CPU shared-memory comm op now, once, instead of in the first test
-	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as a; a().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)
+
+# DeepSpeed's CPU shared-memory comm op, built now, once, instead of in the first run (~60 s);
+# build_ops fails unless the library is really there afterwards, and a missing one is rebuilt
+$(SHM_OP): $(STAMP)
+	DS_ACCELERATOR=cpu $(PY) -m launch.build_ops
+	touch $@  # newer than the stamp: make does not ask again (ninja leaves an up-to-date library alone)
 
 demo: venv
 	$(PY) -m launch.demo $(ARGS)

@@ -33,13 +33,24 @@ every rank takes the same decisions without talking to the others):
    LitData #213, WebDataset #177/#271), provided seed, world size, workers and batch size are
    the same.
 6. **Errors.** Only ``NNN.jpg``, ``cls`` and ``json`` members are read; any other member
-   (``.pyd``, ``.pickle`` ...) is never loaded, let alone unpickled. A sample that does not
-   decode is skipped; a shard that cannot be read (truncated, missing) ends early; both with a
-   warning, counted in :attr:`Loader.stats`. Transient read errors re-open the shard with
-   backoff and continue where they stopped. A lane whose stream runs short (skipped samples
+   (``.pyd``, ``.pickle`` ...) is never loaded, let alone unpickled. Bad data is skipped and
+   counted in :attr:`Loader.stats`, with a warning the training process prints:
+
+   - a sample that does not decode, or whose frames are larger than the manifest allows (in
+     bytes from the tar header, in pixels from the JPEG header: both checked before anything is
+     read or allocated, see :class:`FrameLimits`), is ``corrupt_samples``;
+   - a shard that is not what the manifest says (another size, a tar error, missing, too few
+     samples, another sha256, hashed as it streams) is ``corrupt_shards``;
+   - an unreachable store is not bad data: it is waited for with backoff up to
+     ``storage_timeout_s`` (``read_retries`` counts the re-opens), then the loader raises
+     :class:`sharding.storage.StorageUnavailable` and the trainer stops with a checkpoint.
+
+   A lane whose stream runs short (skipped samples
    or shards) fills its batches by reading further positions: past its run it reads the
    whole epoch's sample sequence with a fresh permutation (so a sample may then appear twice
-   in an epoch; counted as ``refilled_samples``). Batch ``j`` takes the first ``B`` good
+   in an epoch). Every sample a batch takes in place of a lost one of its own ``B`` positions
+   is counted as ``refilled_samples`` (so it equals the clips lost), which the trainer holds
+   to its ``max_skipped_fraction`` budget. Batch ``j`` takes the first ``B`` good
    samples from position ``j*B`` on, so this depends only on positions: a run resumed with
    ``skip_batches`` still matches, and every rank still yields exactly ``L`` batches, so DDP
    never hangs (WebDataset #225).
@@ -57,10 +68,13 @@ on the GPU with ``torchvision.io.decode_jpeg(..., device="cuda")``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import random
 import re
+import sys
 import tarfile
 import time
 from collections import Counter, deque
@@ -70,12 +84,11 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import simplejpeg
 import torch
-import torchvision.transforms.v2.functional as TF
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from fusion.config import ConfigError, option
 from sharding import storage
-from sharding.ssv2 import NUM_CLASSES, flip_label
+from sharding.ssv2 import NUM_CLASSES, TEMPLATES, flip_label
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +96,18 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ssv2-frames/1"
 # The only members a reader ever loads; everything else in a shard stays unread bytes.
 READ_MEMBER = re.compile(r"^[^/]+\.(\d{3}\.jpg|cls|json)$")
+SHARD_NAME = re.compile(r"[^/\\]+\.tar")
 ASPECT_RATIOS = (3 / 4, 4 / 3)
 MAX_READ_PASSES = 4
 ERROR_KEYS = ("corrupt_samples", "corrupt_shards", "read_retries", "refilled_samples")
+# A stored frame's long side is at most this many short sides (SSv2 is under 2:1); a JPEG
+# header claiming more is not one of our frames, and is refused before any pixel is allocated.
+MAX_ASPECT = 4
+# Without a short side in the manifest (hand-made shards), no frame side may exceed this.
+MAX_FRAME_SIDE = 4096
+MAX_META_BYTES = 1 << 20  # a .cls or .json member larger than this is not ours either
+# Backoff while storage is unreachable: 0.5 s doubling up to this.
+MAX_BACKOFF_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +123,16 @@ class DataConfig:
     shuffle_window: int = option(256, "samples permuted together within a loader lane (memory: raw JPEG bytes)")
     decode: Literal["cpu", "gpu"] = option("cpu", "decode JPEGs in the workers (cpu) or on the GPU from bytes (gpu)")
     prefetch_batches: int = option(2, "batches each worker prepares ahead")
-    read_retries: int = option(3, "re-open a shard this many times after a transient read error")
+    storage_timeout_s: float = option(
+        600.0,
+        "how long an unreachable store (refused connections, timeouts, HTTP 5xx) is waited for, retrying with backoff, "
+        "before the run stops with a checkpoint (keep it below the process group's 30-minute timeout)",
+    )
+    max_skipped_fraction: float = option(
+        0.01,
+        "stop training (with a checkpoint) once more than this fraction of an epoch's clips had to be replaced "
+        "because they or their shard could not be read",
+    )
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -114,6 +145,10 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_window: must be >= 1, got {self.shuffle_window}")
         if self.prefetch_batches < 1:
             raise ConfigError(f"data.prefetch_batches: must be >= 1, got {self.prefetch_batches}")
+        if self.storage_timeout_s < 0:
+            raise ConfigError(f"data.storage_timeout_s: must be >= 0, got {self.storage_timeout_s}")
+        if not 0.0 <= self.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"data.max_skipped_fraction: must be in [0, 1], got {self.max_skipped_fraction}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +176,13 @@ class ShardSet:
             raise ValueError(f"{manifest_url} is not valid JSON ({error}): re-run sharding.make_shards") from None
         if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("shards"):
             raise ValueError(f"{manifest_url}: not an '{MANIFEST_FORMAT}' manifest with shards; re-run sharding.make_shards")
+        for position, entry in enumerate(manifest["shards"]):
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+                raise ValueError(f"{manifest_url}: shard {position} is {name!r}, not a plain NAME.tar in that folder; "
+                                 "re-run sharding.make_shards")
+            if not isinstance(entry.get("num_samples"), int) or entry["num_samples"] < 0:
+                raise ValueError(f"{manifest_url}: shard {name} has no valid num_samples; re-run sharding.make_shards")
         return cls(url=url, manifest=manifest)
 
     @property
@@ -159,12 +201,113 @@ class ShardSet:
     def frames(self) -> int:
         return int(self.manifest["frames"])
 
+    def entry(self, name: str) -> dict[str, Any]:
+        """The manifest's record of shard ``name``: num_samples, bytes, sha256."""
+        return self._entries[name]
+
+    @functools.cached_property
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        return {entry["name"]: entry for entry in self.manifest["shards"]}
+
+    @functools.cached_property
+    def limits(self) -> "FrameLimits":
+        """What a member of these shards may be, from the manifest (see :class:`FrameLimits`)."""
+        short = self.manifest.get("short_side")
+        if isinstance(short, int) and short > 0:
+            return FrameLimits(short_side=short, long_side=MAX_ASPECT * short)
+        return FrameLimits(short_side=MAX_FRAME_SIDE, long_side=MAX_FRAME_SIDE)
+
     @property
     def num_classes(self) -> int:
         return len(self.manifest.get("templates") or ()) or NUM_CLASSES
 
     def shard_url(self, name: str) -> str:
         return storage.join(self.url, name)
+
+    def check_flip_labels(self) -> None:
+        """Refuse ``data.flip`` unless the manifest's templates are SSv2's, id for id.
+
+        The flip swaps the fixed left/right label ids of :data:`sharding.ssv2.LEFT_RIGHT_PAIRS`;
+        with another label order (a relabelled or partial ``labels.json``) the swap would
+        corrupt labels silently, and a left/right template at another id would go unswapped.
+        """
+        templates = list(self.manifest.get("templates") or ())
+        if templates == list(TEMPLATES):
+            return
+        if len(templates) != len(TEMPLATES):
+            found = f"{len(templates)} templates" if templates else "no templates"
+            raise ConfigError(
+                f"data.flip: {self.url}/{MANIFEST_NAME} lists {found}, not SSv2's {len(TEMPLATES)}, so the left/right "
+                "label swap cannot be trusted: set data.flip false (or re-shard with SSv2's labels.json)"
+            )
+        first = next(i for i, (a, b) in enumerate(zip(templates, TEMPLATES)) if a != b)
+        raise ConfigError(
+            f"data.flip: label {first} of {self.url}/{MANIFEST_NAME} is {templates[first]!r}, SSv2's is {TEMPLATES[first]!r}: "
+            "the flip swaps SSv2's left/right label ids (86/87, 93/94, 166/167), which only fits SSv2's own label order; "
+            "set data.flip false, or re-shard with SSv2's labels.json"
+        )
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """The largest frame a shard may hold: sides from the manifest's ``short_side`` (the short
+    side at most that, the long side at most :data:`MAX_ASPECT` times it), bytes at most twice
+    the raw RGB pixels of such a frame. Anything larger is a corrupt sample, refused from its
+    tar header or JPEG header before it is read or decoded."""
+
+    short_side: int
+    long_side: int
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return 2 * 3 * self.short_side * self.long_side + 65536
+
+    def member_limit(self, extension: str) -> int:
+        return self.max_frame_bytes if extension.endswith("jpg") else MAX_META_BYTES
+
+
+@dataclass(frozen=True)
+class Oversize:
+    """Stands for a member too large to read (its bytes are skipped in the stream)."""
+
+    size: int
+    limit: int
+
+
+class DataEvents:
+    """What a loader lane met since its last batch: counts (:data:`ERROR_KEYS`) and warnings.
+    Workers send both with each batch; the training process logs the warnings, each on its
+    own line (a worker writing to stderr itself would land in the middle of a progress bar)."""
+
+    def __init__(self, announce: bool = True) -> None:
+        self.counts: Counter = Counter()
+        self.messages: list[str] = []
+        self.announce = announce
+
+    def count(self, key: str, amount: int = 1) -> None:
+        self.counts[key] += amount
+
+    def warn(self, message: str, now: bool = False) -> None:
+        """Queue ``message`` for the training process; ``now`` also prints it at once (on the
+        announcing rank), for what cannot wait for the next batch: a wait for storage."""
+        if now and self.announce:
+            if torch.utils.data.get_worker_info() is None:
+                log.warning("%s", message)
+                return
+            # a worker cannot reach the trainer's progress bar: start a fresh line instead
+            sys.stderr.write(f"\nwarning: {message}\n")
+            sys.stderr.flush()
+        self.messages.append(message)
+
+    def take(self) -> tuple[dict[str, int], list[str]]:
+        taken = dict(self.counts), list(self.messages)
+        self.counts.clear()
+        self.messages.clear()
+        return taken
+
+
+class ShardMismatch(ValueError):
+    """A shard that is not the one the manifest describes (size or sha256)."""
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -255,54 +398,130 @@ def val_plan(shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_segment(shardset: ShardSet, segment: Segment, retries: int, errors: Counter) -> Iterator[dict[str, Any]]:
+def _read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events: DataEvents) -> Iterator[dict[str, Any]]:
     """Raw samples (member bytes by extension) of one shard segment.
 
-    A tar error (truncated or garbled shard) is deterministic: the shard ends there. Anything
-    else (a dropped connection) re-opens the shard after a backoff and skips what was read.
+    Three kinds of trouble, told apart:
+
+    - **the shard is bad** (not the manifest's size, a tar error, missing, fewer samples than
+      listed, a sha256 that does not match): deterministic, so it is not retried; the rest of
+      the shard is skipped, counted as ``corrupt_shards`` and named in a warning. A shard read
+      whole is hashed as it streams; a mismatch is only known at its end, when its samples
+      were already used (the warning says so), while a wrong size is caught before any is;
+    - **the store refuses the credentials**: :class:`storage.StorageAccessError`, raised;
+    - **the store is unreachable** (refused connections, timeouts, HTTP 5xx after botocore's
+      own retries): waited for, re-opening with backoff and continuing at the sample reached,
+      for up to ``cfg.storage_timeout_s`` since the outage began; past that,
+      :class:`storage.StorageUnavailable` is raised (the caller stops, never trains on less).
     """
     url = shardset.shard_url(segment.shard)
-    position, attempt = segment.start, 0
+    entry = shardset.entry(segment.shard)
+    expected_bytes = entry.get("bytes") or None
+    expected_sha = entry.get("sha256") or None
+    whole = segment.start == 0 and segment.stop == entry["num_samples"]
+    position, attempt, outage_since = segment.start, 0, None
     while position < segment.stop:
         stream = None
         try:
-            stream = storage.open_stream(url)
-            files = tar_file_iterator(stream, select_files=lambda name: READ_MEMBER.match(name) is not None)
-            index = 0
-            for sample in group_by_keys(_with_url(files, url)):
-                if index >= segment.stop:
-                    break
-                if index >= position:
-                    position += 1
-                    yield sample
-                index += 1
+            stream, size = storage.open_sized(url)
+            if expected_bytes is not None and size != expected_bytes:
+                raise ShardMismatch(f"it is {size} bytes, the manifest says {expected_bytes}: not the shard that was packed")
+            reader = _HashingReader(stream) if whole and expected_sha and position == 0 else stream
+            for sample in _shard_samples(reader, url, position, segment.stop, shardset.limits):
+                if outage_since is not None:
+                    events.warn(f"storage is back: read {url} again after {time.monotonic() - outage_since:.0f} s")
+                    outage_since, attempt = None, 0
+                position += 1
+                yield sample
             if position < segment.stop:
-                raise tarfile.ReadError(f"holds {index} samples, the manifest says at least {segment.stop}")
+                raise tarfile.ReadError(f"holds {position} samples, the manifest says {segment.stop}")
+            if isinstance(reader, _HashingReader):
+                digest = reader.finish()
+                if digest != expected_sha:
+                    raise ShardMismatch(f"its sha256 is {digest[:12]}..., the manifest says {expected_sha[:12]}...: not the "
+                                        f"shard that was packed, and its {segment.stop} samples were already used")
             return
-        except (tarfile.TarError, ValueError, FileNotFoundError) as error:
-            errors["corrupt_shards"] += 1
-            log.warning("skipping the rest of shard %s from sample %d: %s", url, position, error)
+        except (tarfile.TarError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
+            events.count("corrupt_shards")
+            events.warn(f"skipping the rest of shard {url} from sample {position}: {error}")
             return
         except storage.StorageAccessError:
             raise  # refused credentials (e.g. expired mid-run): skipping every shard would train on nothing
-        except Exception as error:  # transient: network, throttling beyond botocore's retries
+        except Exception as error:  # transient: connection refused or dropped, timeouts, 5xx
+            now = time.monotonic()
+            if outage_since is None:
+                outage_since = now
+                events.warn(f"waiting for storage: {url} cannot be read ({type(error).__name__}: {error}); retrying for up "
+                            f"to {cfg.storage_timeout_s:.0f} s (data.storage_timeout_s)", now=True)
+            waited = now - outage_since
+            if waited >= cfg.storage_timeout_s:
+                raise storage.StorageUnavailable(
+                    f"{url} could not be read for {waited:.0f} s (data.storage_timeout_s = {cfg.storage_timeout_s:.0f}); "
+                    f"last error: {type(error).__name__}: {error}"
+                ) from None
+            events.count("read_retries")
             attempt += 1
-            if attempt > retries:
-                errors["corrupt_shards"] += 1
-                log.warning("giving up on shard %s at sample %d after %d retries: %s", url, position, retries, error)
-                return
-            errors["read_retries"] += 1
-            log.warning("re-opening shard %s at sample %d (attempt %d of %d): %s", url, position, attempt, retries, error)
-            time.sleep(min(0.5 * 2 ** (attempt - 1), 8.0))
+            time.sleep(min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF_S, cfg.storage_timeout_s - waited))
         finally:
             if stream is not None:
                 stream.close()
 
 
-def _with_url(files: Iterator[dict[str, Any]], url: str) -> Iterator[dict[str, Any]]:
-    for item in files:
-        item["__url__"] = url
-        yield item
+class _HashingReader:
+    """A read-only stream that hashes what passes through it (what ``tarfile`` reads)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.sha = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha.update(data)
+        return data
+
+    def finish(self) -> str:
+        """Read what is left (the tar's end blocks) and return the hex digest of it all."""
+        while data := self.read(1 << 20):
+            pass
+        return self.sha.hexdigest()
+
+
+def _shard_samples(stream: Any, url: str, first: int, stop: int, limits: FrameLimits) -> Iterator[dict[str, Any]]:
+    """Samples ``[first, stop)`` of a tar stream, grouped by key as webdataset does.
+
+    Our own reader rather than webdataset's ``tar_file_iterator``, which reads every selected
+    member whole before anything can look at it: here a member's size is checked from its tar
+    header first, and one over the limit is skipped in the stream (read in blocks, never held)
+    and stands as an :class:`Oversize` in its sample. Members of samples before ``first`` are
+    skipped unread too. Only :data:`READ_MEMBER` names count; the rest are never read.
+    """
+    archive = tarfile.open(fileobj=stream, mode="r|")
+    index, key, sample = -1, None, None
+    for member in archive:
+        if not member.isfile() or not READ_MEMBER.match(member.name):
+            continue
+        prefix, extension = base_plus_ext(member.name)
+        if prefix != key:
+            if sample is not None:
+                yield sample
+                sample = None
+            index, key = index + 1, prefix
+            if index >= stop:
+                return
+            if index >= first:
+                sample = {"__key__": prefix, "__url__": url}
+        if sample is None:
+            continue
+        if extension in sample:
+            raise ValueError(f"{member.name}: a second member named so in one sample")
+        limit = limits.member_limit(extension)
+        if member.size > limit:
+            sample[extension] = Oversize(member.size, limit)
+            continue
+        handle = archive.extractfile(member)
+        sample[extension] = handle.read() if handle is not None else b""
+    if sample is not None:
+        yield sample
 
 
 def _windowed(samples: Iterator[dict[str, Any]], window: int, seed_text: str, skip: int) -> Iterator[dict[str, Any]]:
@@ -327,20 +546,20 @@ def _windowed(samples: Iterator[dict[str, Any]], window: int, seed_text: str, sk
             return
 
 
-def _lane_stream(shardset: ShardSet, plan: LanePlan, cfg: DataConfig, seed_text: str | None, skip: int, errors: Counter) -> Iterator[dict[str, Any]]:
+def _lane_stream(shardset: ShardSet, plan: LanePlan, cfg: DataConfig, seed_text: str | None, skip: int, events: DataEvents) -> Iterator[dict[str, Any]]:
     """The positions of a lane: its run, then (only if something was lost) the whole epoch's
     samples, each pass with a fresh permutation, so that even a lane whose own run is all
     damaged still fills its batches; the first ``skip`` positions are dropped undecoded."""
     for read_pass in range(MAX_READ_PASSES):
         read = Counter()
         segments = plan.segments if read_pass == 0 else plan.refill
-        raw = _counted((sample for segment in segments for sample in _read_segment(shardset, segment, cfg.read_retries, errors)), read)
+        raw = _counted((sample for segment in segments for sample in _read_segment(shardset, segment, cfg, events)), read)
         if seed_text is None:  # validation: manifest order, one pass
             yield from raw
             return
         for sample in _windowed(raw, cfg.shuffle_window, f"{seed_text}:{read_pass}", skip):
             if read_pass:
-                errors["refilled_samples"] += 1
+                sample["__refill__"] = True  # a repeat: never one of a batch's own positions
             yield sample
         if read["samples"] == 0 and read_pass > 0:
             return
@@ -368,11 +587,35 @@ def _frame_names(sample: dict[str, Any], frames: int) -> list[str]:
     return names
 
 
+def _frame_size(sample: dict[str, Any], names: list[str], limits: FrameLimits) -> tuple[int, int]:
+    """(height, width) shared by every frame, from the JPEG headers alone; a frame that is too
+    large in bytes or in claimed pixels, or differs from frame 000, raises :class:`CorruptSample`
+    before a single pixel buffer is allocated (a 5 KB header may claim 65500x65500)."""
+    size = None
+    for name in names:
+        data = sample[name]
+        if isinstance(data, Oversize):
+            raise CorruptSample(f"frame {name} is {data.size:,} bytes, over the {data.limit:,} any frame of these shards can need")
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError as error:
+            raise CorruptSample(f"JPEG header of frame {name} does not parse: {error}") from None
+        if min(height, width) > limits.short_side or max(height, width) > limits.long_side:
+            raise CorruptSample(f"frame {name} claims {width}x{height} pixels; these shards hold frames of short side at most "
+                                f"{limits.short_side} and long side at most {limits.long_side}")
+        if size is not None and (height, width) != size:
+            raise CorruptSample(f"frame {name} is {width}x{height}, frame {names[0]} {size[1]}x{size[0]}")
+        size = (height, width)
+    return size
+
+
 def _label(sample: dict[str, Any], require: bool) -> int:
     if "cls" not in sample:
         if require:
             raise CorruptSample("no .cls label")
         return -1
+    if isinstance(sample["cls"], Oversize):
+        raise CorruptSample(f"the .cls member is {sample['cls'].size:,} bytes")
     try:
         label = int(sample["cls"].decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
@@ -422,18 +665,24 @@ def _choose_view(cfg: DataConfig, height: int, width: int, rng: random.Random | 
 def _cut(frames: torch.Tensor, view: ClipView, size: int) -> torch.Tensor:
     """``[T, 3, H, W]`` uint8 -> ``[T, 3, size, size]`` uint8 (crop, resize, maybe mirror)."""
     top, left, h, w = view.box
+    # imported here: torchvision's transforms pull in its model zoo (~1.5 s), which a training
+    # process that fails on its config should not wait for
+    import torchvision.transforms.v2.functional as TF
+
     clip = TF.resized_crop(frames, top, left, h, w, [size, size], antialias=True)
     if view.flip:
         clip = clip.flip(-1)
     return clip  # channels-last; the batch stack makes it contiguous in one copy
 
 
-def decode_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool) -> tuple[torch.Tensor, int]:
-    """One sample -> (uint8 ``[T, 3, S, S]``, label). Raises :class:`CorruptSample`."""
+def decode_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool,
+                limits: FrameLimits = FrameLimits(MAX_FRAME_SIDE, MAX_FRAME_SIDE)) -> tuple[torch.Tensor, int]:
+    """One sample -> (uint8 ``[T, 3, S, S]``, label). Raises :class:`CorruptSample`, also for
+    frames beyond ``limits`` (checked from the headers before anything is allocated)."""
     label = _label(sample, require_label)
     names = _frame_names(sample, frames)
+    height, width = _frame_size(sample, names, limits)
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(sample[names[0]])
         pixels = np.empty((frames, height, width, 3), np.uint8)
         for index, name in enumerate(names):  # decode in place: no per-frame arrays to stack
             frame = simplejpeg.decode_jpeg(sample[name], colorspace="RGB", buffer=pixels[index])
@@ -441,6 +690,8 @@ def decode_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: rando
                 raise ValueError(f"frame {name} is {frame.shape[1]}x{frame.shape[0]}, frame 000 {width}x{height}")
     except ValueError as error:  # simplejpeg is strict: truncated or garbled data raises too
         raise CorruptSample(f"JPEG frames do not decode: {error}") from None
+    except MemoryError:
+        raise CorruptSample(f"JPEG frames of {width}x{height} do not fit in memory") from None
     video = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last memory
     view = _choose_view(cfg, video.shape[-2], video.shape[-1], rng)
     if view.flip:
@@ -448,14 +699,12 @@ def decode_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: rando
     return _cut(video, view, cfg.crop_size), label
 
 
-def _jpeg_bytes_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool) -> tuple[dict[str, Any], int]:
-    """For ``decode: gpu``: check the headers only and pass the bytes on."""
+def _jpeg_bytes_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool,
+                     limits: FrameLimits = FrameLimits(MAX_FRAME_SIDE, MAX_FRAME_SIDE)) -> tuple[dict[str, Any], int]:
+    """For ``decode: gpu``: check the headers only (also against ``limits``) and pass the bytes on."""
     label = _label(sample, require_label)
     names = _frame_names(sample, frames)
-    try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(sample[names[0]])
-    except ValueError as error:
-        raise CorruptSample(f"JPEG header does not parse: {error}") from None
+    height, width = _frame_size(sample, names, limits)
     view = _choose_view(cfg, height, width, rng)
     if view.flip:
         label = flip_label(label) if label >= 0 else label
@@ -470,8 +719,9 @@ class _LaneDataset(torch.utils.data.IterableDataset):
     """Yields whole batches (the DataLoader runs with ``batch_size=None``)."""
 
     def __init__(self, shardset: ShardSet, cfg: DataConfig, plans: list[LanePlan], *, batch_size: int, skip_batches: int,
-                 seed_text: str | None, crop_seed_text: str | None, fill: bool, require_label: bool) -> None:
+                 seed_text: str | None, crop_seed_text: str | None, fill: bool, require_label: bool, announce: bool = True) -> None:
         self.shardset, self.cfg, self.plans = shardset, cfg, plans
+        self.announce = announce  # print waits for storage at once (rank 0; the others report with their batches)
         self.batch_size, self.skip_batches = batch_size, skip_batches
         self.seed_text, self.crop_seed_text = seed_text, crop_seed_text
         self.fill, self.require_label = fill, require_label
@@ -487,14 +737,24 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         yield from self._lane_batches(self.plans[(self.skip_batches + worker) % len(self.plans)])
 
     def _lane_batches(self, plan: LanePlan) -> Iterator[dict[str, Any]]:
-        errors: Counter = Counter()
+        """The lane's batches; if storage fails for good, one last ``{"fatal": ...}`` item that
+        the :class:`Loader` turns back into the exception in the training process (a worker's
+        own exception would arrive wrapped in a traceback dump)."""
+        events = DataEvents(self.announce)
+        try:
+            yield from self._lane_batches_of(plan, events)
+        except storage.StorageError as error:
+            counts, messages = events.take()
+            yield {"fatal": (type(error).__name__, str(error)), "errors": counts, "messages": messages}
+
+    def _lane_batches_of(self, plan: LanePlan, events: DataEvents) -> Iterator[dict[str, Any]]:
         first = sum(1 for batch_id in plan.batch_ids if batch_id < self.skip_batches)
         seed_text = f"{self.seed_text}:{plan.lane}" if self.seed_text is not None else None
-        stream = _lane_stream(self.shardset, plan, self.cfg, seed_text, first * self.batch_size, errors)
+        stream = _lane_stream(self.shardset, plan, self.cfg, seed_text, first * self.batch_size, events)
         pending: deque = deque()  # [raw sample, decoded result or None]
         for lane_batch in range(first, len(plan.batch_ids)):
             want = self.batch_size if self.fill else min(self.batch_size, plan.num_samples - lane_batch * self.batch_size)
-            chosen, index = [], 0
+            chosen, index, own = [], 0, 0
             while len(chosen) < want:
                 if index == len(pending):
                     sample = next(stream, None)
@@ -503,10 +763,14 @@ class _LaneDataset(torch.utils.data.IterableDataset):
                     pending.append([sample, None])
                 item = pending[index]
                 if item[1] is None:
-                    item[1] = self._decode(item[0], errors)
+                    item[1] = self._decode(item[0], events)
                 if item[1] is not False:
                     chosen.append(item[1])
+                    # a good sample of the batch's own B positions; any other stands in for a lost one
+                    own += index < self.batch_size and not item[0].get("__refill__")
                 index += 1
+            if self.fill:
+                events.count("refilled_samples", len(chosen) - own)
             if self.fill and len(chosen) < want:
                 raise RuntimeError(
                     f"lane {plan.lane} of {self.shardset.url} found only {len(chosen)} readable samples for a batch of "
@@ -514,26 +778,27 @@ class _LaneDataset(torch.utils.data.IterableDataset):
                 )
             for _ in range(min(self.batch_size if self.fill else index, len(pending))):
                 pending.popleft()
-            yield self._collate(chosen, errors)
-            errors.clear()
+            yield self._collate(chosen, events)
 
-    def _decode(self, sample: dict[str, Any], errors: Counter) -> Any:
+    def _decode(self, sample: dict[str, Any], events: DataEvents) -> Any:
         key = sample["__key__"]
         rng = random.Random(f"{self.crop_seed_text}:{key}") if self.crop_seed_text is not None else None
         decode = _jpeg_bytes_clip if self.cfg.decode == "gpu" else decode_clip
         try:
-            clip, label = decode(sample, self.shardset.frames, self.cfg, rng, self.require_label)
+            clip, label = decode(sample, self.shardset.frames, self.cfg, rng, self.require_label, self.shardset.limits)
         except CorruptSample as error:
-            errors["corrupt_samples"] += 1
-            log.warning("skipping sample %s of %s: %s", key, sample.get("__url__"), error)
+            events.count("corrupt_samples")
+            events.warn(f"skipping sample {key} of {sample.get('__url__')}: {error}")
             return False
         return clip, label, key
 
-    def _collate(self, chosen: list[tuple[Any, int, str]], errors: Counter) -> dict[str, Any]:
+    def _collate(self, chosen: list[tuple[Any, int, str]], events: DataEvents) -> dict[str, Any]:
+        counts, messages = events.take()
         batch: dict[str, Any] = dict(
             labels=torch.tensor([label for _, label, _ in chosen], dtype=torch.int64),
             keys=[key for _, _, key in chosen],
-            errors=dict(errors),
+            errors=counts,
+            messages=messages,
         )
         if self.cfg.decode == "gpu":
             batch["encoded"] = [clip for clip, _, _ in chosen]
@@ -586,6 +851,11 @@ class Loader:
         )
         for batch in loader:
             self.stats.update(batch.pop("errors"))
+            for message in batch.pop("messages"):
+                log.warning("%s", message)
+            if "fatal" in batch:
+                kind, message = batch["fatal"]
+                raise (storage.StorageAccessError if kind == "StorageAccessError" else storage.StorageUnavailable)(message)
             if "encoded" in batch:
                 batch = self._decode_on_device(batch)
             yield batch
@@ -661,6 +931,8 @@ def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: 
     decode there is dropped from its batch (which is then short) and counted.
     """
     _check_rank(rank, world_size, batch_size)
+    if cfg.flip:
+        shardset.check_flip_labels()
     per_rank = batches_per_rank(shardset.num_samples, batch_size, world_size)
     if not 0 <= skip_batches <= per_rank:
         raise ValueError(f"skip_batches={skip_batches} is outside 0..{per_rank} (batches per rank this epoch)")
@@ -669,7 +941,7 @@ def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: 
     dataset = _LaneDataset(
         shardset, cfg, plans, batch_size=batch_size, skip_batches=skip_batches,
         seed_text=f"order:{seed}:{epoch}:{rank}:{world_size}", crop_seed_text=f"crop:{seed}:{epoch}",
-        fill=True, require_label=True,
+        fill=True, require_label=True, announce=rank == 0,
     )
     return Loader(dataset, cfg, per_rank - skip_batches, device)
 
@@ -684,6 +956,6 @@ def val_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: in
     plans = val_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, lanes=lanes)
     dataset = _LaneDataset(
         shardset, cfg, plans, batch_size=batch_size, skip_batches=0,
-        seed_text=None, crop_seed_text=None, fill=False, require_label=False,
+        seed_text=None, crop_seed_text=None, fill=False, require_label=False, announce=rank == 0,
     )
     return Loader(dataset, cfg, sum(len(plan.batch_ids) for plan in plans), device)

@@ -201,6 +201,12 @@ class FusionHead(nn.Module):
             nn.LayerNorm(streams * dim), nn.Dropout(cfg.dropout), nn.Linear(streams * dim, cfg.num_classes)
         )
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay must not shrink besides norms and biases (which the
+        optimizer groups exclude by shape): the learned time embeddings (timm's convention,
+        like a ViT's ``pos_embed``)."""
+        return {f"{name}.time_embed" for name in ("semantic_proj", "motion_proj") if getattr(self, name) is not None}
+
     def forward(
         self, semantic: Tensor, motion: Tensor, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Attention]:

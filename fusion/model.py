@@ -13,6 +13,7 @@ builders (for tests, CI and the CPU demo). The head's size always comes from ``m
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,7 +53,7 @@ class ModelConfig:
     )
     max_time: int = option(64, "longest feature sequence (frames or motion segments) the learned time embeddings cover")
     dtype: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "dtype of the frozen backbones: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16"
+        "auto", "dtype of the frozen backbones: auto (bf16 on GPUs with compute capability 8.0+, else fp32), fp32 or bf16"
     )
 
     def __post_init__(self) -> None:
@@ -69,10 +70,27 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
+# bf16 arithmetic needs Ampere (compute capability 8.0) or newer; older GPUs emulate it slowly.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """The backbones' dtype for ``model.dtype``: ``auto`` is bf16 on CUDA and fp32 elsewhere."""
+    """The backbones' dtype for ``model.dtype``: ``auto`` is bf16 on a CUDA device that has
+    bf16 (compute capability 8.0+), fp32 on older GPUs (with a warning) and on CPUs."""
     if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        device = torch.device(device)
+        if device.type != "cuda":
+            return torch.float32
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if capability >= BF16_MIN_CAPABILITY:
+            return torch.bfloat16
+        warnings.warn(
+            f"model.dtype auto: {device} has compute capability {capability[0]}.{capability[1]}, without bf16 "
+            f"(needs {BF16_MIN_CAPABILITY[0]}.{BF16_MIN_CAPABILITY[1]}+): the frozen backbones run in fp32, "
+            "about half as fast as bf16 on a newer GPU",
+            stacklevel=2,
+        )
+        return torch.float32
     if name not in DTYPES:
         raise ConfigError(f"model.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -138,6 +156,34 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> FusionC
     return model
 
 
+def optimizer_groups(head: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The head's trainable parameters in two AdamW groups: ``weight_decay`` on weight
+    matrices, none on norms, biases and the head's ``no_weight_decay()`` names (the time
+    embeddings), the usual split of timm and nanoGPT. Each group carries ``names``."""
+    from timm.optim import param_groups_weight_decay
+
+    # timm decides the split (ndim <= 1, ``.bias`` or a listed name); we only add the names.
+    skip = head.no_weight_decay() if hasattr(head, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(head, weight_decay=1.0, no_weight_decay_list=skip)
+    name_of = {id(param): name for name, param in head.named_parameters()}
+    out = []
+    for group in groups:
+        decayed = group["weight_decay"] > 0
+        out.append({"params": group["params"], "weight_decay": weight_decay if decayed else 0.0,
+                    "names": [name_of[id(param)] for param in group["params"]]})
+    return out
+
+
+def weight_decay_summary(groups: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Tensors and parameters with and without weight decay, for the report and the log."""
+    summary = {"decayed": {"tensors": 0, "params": 0}, "not_decayed": {"tensors": 0, "params": 0}}
+    for group in groups:
+        row = summary["decayed" if group["weight_decay"] > 0 else "not_decayed"]
+        row["tensors"] += len(group["params"])
+        row["params"] += sum(param.numel() for param in group["params"])
+    return summary
+
+
 def _count(module: nn.Module) -> dict[str, int]:
     params = list(module.parameters())
     total = sum(p.numel() for p in params)
@@ -161,7 +207,9 @@ def parameter_report(model: FusionClassifier) -> dict[str, Any]:
             rows.append({"module": f"head.{name}", "label": name, **counts})
     totals = _count(model)
     percent = 100.0 * totals["trainable"] / totals["total"] if totals["total"] else 0.0
-    return {**totals, "trainable_percent": round(percent, 3), "modules": rows}
+    # which head tensors AdamW decays (the split is the same whatever ds.json's weight_decay)
+    decay = weight_decay_summary(optimizer_groups(model.head, weight_decay=1.0))
+    return {**totals, "trainable_percent": round(percent, 3), "modules": rows, "weight_decay": decay}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -187,4 +235,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"trainable: {report['trainable'] / 1e6:.2f}M of {report['total'] / 1e6:.2f}M parameters "
         f"({report['trainable_percent']:.1f}%)"
     )
-    return "\n".join([render(header), rule, *body, rule, render(cells[-1]), summary])
+    lines = [render(header), rule, *body, rule, render(cells[-1]), summary]
+    if "weight_decay" in report:
+        on, off = report["weight_decay"]["decayed"], report["weight_decay"]["not_decayed"]
+        lines.append(
+            f"weight decay: on {on['tensors']} weight matrices ({on['params']:,} parameters), off on {off['tensors']} "
+            f"norm, bias and time-embedding tensors ({off['params']:,} parameters)"
+        )
+    return "\n".join(lines)

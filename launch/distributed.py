@@ -19,8 +19,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -31,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from fusion.config import ConfigError
+from fusion.model import optimizer_groups, weight_decay_summary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = "checkpoints"
@@ -38,6 +41,8 @@ LATEST = "latest"
 # The share of the run spent warming up when ds.json says "warmup_num_steps": "auto"
 # (CAST: 5 warmup epochs of 50).
 AUTO_WARMUP_FRACTION = 0.1
+WARMUP_COSINE_KEYS = {"total_num_steps", "warmup_num_steps", "warmup_min_ratio", "cos_min_ratio", "warmup_type",
+                      "last_batch_iteration"}
 
 
 def environment_defaults() -> None:
@@ -51,9 +56,12 @@ def environment_defaults() -> None:
 
 environment_defaults()
 
-import deepspeed  # noqa: E402  (after environment_defaults: it reads them at import)
 import torch.distributed as dist  # noqa: E402
-from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+# DeepSpeed itself is imported where it is used, not here: it takes seconds to import, and a
+# config error should be reported before that (environment_defaults above is already in place).
+
+_control_group = None  # gloo group for host-side votes (see any_rank)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,9 @@ def init_distributed(local_rank_arg: int | None) -> Ranks:
     rank, world_size, local_rank, local_world_size = rendezvous_environment(local_rank_arg)
     set_cpu_threads(local_world_size)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
     deepspeed.init_distributed(verbose=False)
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
@@ -117,7 +128,29 @@ def init_distributed(local_rank_arg: int | None) -> Ranks:
     else:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
+    global _control_group
+    # Votes about the host's state (did every rank get its batch?) travel on CPU tensors over
+    # gloo: on NCCL they would need a device tensor and a host sync every micro-batch.
+    _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return Ranks(rank, world_size, local_rank, local_world_size, device)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective: all ranks must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    vote = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(vote, op=dist.ReduceOp.SUM, group=_control_group)
+    return vote.item() > 0
+
+
+def sum_on_host(values: list[float]) -> list[float]:
+    """``values`` summed over ranks on the CPU control group (a collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_control_group)
+    return tensor.tolist()
 
 
 def on_gpu(ranks: Ranks) -> bool:
@@ -156,6 +189,28 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
     return config
+
+
+def check_ds_config(config: dict[str, Any]) -> None:
+    """What DeepSpeed would only refuse after the model is built: the optimizer and scheduler
+    names (and our WarmupCosineLR's params). Imports DeepSpeed's name lists, not its engine."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    optimizer = config.get("optimizer")
+    if optimizer is not None:
+        name = optimizer.get("type") if isinstance(optimizer, dict) else None
+        known = isinstance(name, str) and (name.lower() in DEEPSPEED_OPTIMIZERS or isinstance(getattr(torch.optim, name, None), type))
+        if not known:
+            raise ConfigError(f"ds.json: optimizer type {name!r} is neither one of DeepSpeed's ({', '.join(DEEPSPEED_OPTIMIZERS)}) "
+                              "nor a torch.optim class (e.g. AdamW)")
+    scheduler = config.get("scheduler")
+    if scheduler is not None:
+        name = scheduler.get("type") if isinstance(scheduler, dict) else None
+        if name not in VALID_LR_SCHEDULES:
+            raise ConfigError(f"ds.json: scheduler type {name!r} is not one of {', '.join(VALID_LR_SCHEDULES)}")
+        if name == "WarmupCosineLR":
+            check_warmup_cosine(scheduler.get("params", {}))
 
 
 @dataclass(frozen=True)
@@ -230,11 +285,84 @@ def adapt_ds_config(ds_config: dict[str, Any], *, total_steps: int, gpu: bool, l
     return config
 
 
-def wrap_head(head: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+def split_scheduler(ds_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(the config DeepSpeed gets, the WarmupCosineLR params this module runs itself or None).
+
+    DeepSpeed's own ``WarmupCosineLR`` sets the learning rate for step ``k`` from iteration
+    ``k - 2``: the first two optimizer steps run at ``lr * warmup_min_ratio``, i.e. exactly 0
+    with the usual ratio 0 (observed: 0, 0, 1e-5, 2e-5 ...). The same schedule is therefore run
+    as a torch ``LambdaLR`` (:func:`warmup_cosine_scheduler`), keeping ds.json's keys. Other
+    scheduler types go to DeepSpeed unchanged.
+    """
+    scheduler = ds_config.get("scheduler")
+    if not scheduler or scheduler.get("type") != "WarmupCosineLR":
+        return ds_config, None
+    config = {key: value for key, value in ds_config.items() if key != "scheduler"}
+    return config, dict(scheduler.get("params", {}))
+
+
+def warmup_cosine_ratio(step: int, *, total_num_steps: int, warmup_num_steps: int = 1000, warmup_min_ratio: float = 0.0,
+                        cos_min_ratio: float = 0.0001, warmup_type: str = "log", **_: Any) -> float:
+    """The learning-rate factor of optimizer step ``step + 1`` (``step`` steps done before it).
+
+    Warm-up from ``warmup_min_ratio`` reaches 1 at step ``warmup_num_steps`` (linearly, or
+    along ``log(k + 1) / log(W + 1)`` for ``warmup_type: log``); the very first step already
+    has ``1/W`` of the way (not 0). Then a cosine decays to ``cos_min_ratio`` at
+    ``total_num_steps`` and stays there. The parameters are DeepSpeed's, with its defaults.
+    """
+    k, warmup = step + 1, max(1, int(warmup_num_steps))
+    if k <= warmup:
+        progress = math.log(k + 1) / math.log(warmup + 1) if warmup_type == "log" else k / warmup
+        return warmup_min_ratio + (1.0 - warmup_min_ratio) * progress
+    decay = min(1.0, (k - warmup) / max(1, total_num_steps - warmup))
+    return cos_min_ratio + (1.0 - cos_min_ratio) * (1.0 + math.cos(math.pi * decay)) / 2.0
+
+
+def check_warmup_cosine(params: dict[str, Any]) -> None:
+    """ds.json's WarmupCosineLR params, checked before anything is built."""
+    unknown = set(params) - WARMUP_COSINE_KEYS
+    if unknown:
+        raise ConfigError(f"ds.json: WarmupCosineLR has no parameter(s) {', '.join(sorted(unknown))}; "
+                          f"it takes {', '.join(sorted(WARMUP_COSINE_KEYS))}")
+    for key in ("total_num_steps", "warmup_num_steps"):
+        value = params.get(key, 1 if key == "warmup_num_steps" else None)
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"ds.json: WarmupCosineLR {key} must be a positive integer or \"auto\", got {value!r}")
+    if params.get("warmup_type", "log") not in ("log", "linear"):
+        raise ConfigError(f"ds.json: WarmupCosineLR warmup_type must be log or linear, got {params['warmup_type']!r}")
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, **params: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """ds.json's ``WarmupCosineLR`` as a ``LambdaLR`` (see :func:`split_scheduler` for why)."""
+    check_warmup_cosine(params)
+    params.pop("last_batch_iteration", None)  # resume restores the scheduler's own state instead
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_warmup_cosine_factor, params))
+
+
+def _warmup_cosine_factor(params: dict[str, Any], step: int) -> float:
+    return warmup_cosine_ratio(step, **params)
+
+
+def wrap_head(head: torch.nn.Module, ds_config: dict[str, Any], log: Callable[[str], None] = lambda _: None) -> Any:
     """DeepSpeed engine around the head only; the frozen backbones never enter DeepSpeed
-    (ZeRO-2 with frozen parameters has open bugs, and bf16 would cast them)."""
+    (ZeRO-2 with frozen parameters has open bugs, and bf16 would cast them).
+
+    The optimizer gets two parameter groups: ds.json's ``weight_decay`` on weight matrices,
+    none on norms, biases and time embeddings (:func:`fusion.model.optimizer_groups`); a
+    ``WarmupCosineLR`` in ds.json is run by :func:`warmup_cosine_scheduler`.
+    """
+    decay = float(ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
+    groups = optimizer_groups(head, decay)
+    summary = weight_decay_summary(groups)
+    log(f"weight decay {decay:g} on {summary['decayed']['tensors']} weight matrices; none on "
+        f"{summary['not_decayed']['tensors']} norm, bias and time-embedding tensors")
+    config, schedule = split_scheduler(ds_config)
+    scheduler = None if schedule is None else (lambda optimizer: warmup_cosine_scheduler(optimizer, **schedule))
+    import deepspeed
+
     engine, _, _, _ = deepspeed.initialize(
-        model=head, model_parameters=[p for p in head.parameters() if p.requires_grad], config=ds_config
+        model=head, model_parameters=[{k: v for k, v in g.items() if k != "names"} for g in groups],
+        config=config, lr_scheduler=scheduler,
     )
     return engine
 
@@ -266,15 +394,91 @@ def latest_tag(out: Path) -> str | None:
     return marker.read_text().strip() if marker.is_file() else None
 
 
-def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, Any], *, keep: int, is_main: bool) -> str:
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message names the path and the cause."""
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def checkpoint_bytes_estimate(engine: Any) -> int:
+    """Bytes a first checkpoint of the head needs: its weights as the module holds them, plus
+    ZeRO's fp32 master copy and Adam's two moments (12 bytes a parameter), plus 1 MiB."""
+    params = list(engine.module.parameters())
+    return sum(p.numel() * (p.element_size() + 12) for p in params) + (1 << 20)
+
+
+def write_error(error: BaseException, target: Path) -> str:
+    """What went wrong writing ``target``, in words: torch's C++ writer reports a full disk as
+    ``basic_ios::clear: iostream error`` or ``unexpected pos``, so the free space decides."""
+    if isinstance(error, OSError) and error.errno:
+        return f"{os.strerror(error.errno)} ({error.filename or target})"
+    free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
+    if free < (1 << 20):
+        return f"No space left on device ({free:,} bytes free where {target} is written; {type(error).__name__}: {error})"
+    return f"{type(error).__name__}: {error}"
+
+
+def _shared(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a collective on the control group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
+def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, Any], *, keep: int, is_main: bool,
+                    check_space: bool = True) -> str:
     """Save head, optimizer, scheduler and ``client_state`` under ``out/checkpoints/stepNNNNNNNN``.
 
     All ranks call this. ``latest`` moves (atomically) only after every rank has written its
     optimizer partition; then all but the ``keep`` newest checkpoints are deleted (0 keeps all).
+
+    A checkpoint that cannot be written raises :class:`CheckpointError` on every rank, naming
+    the path and the cause, and leaves no partial folder behind; ``latest`` and the previous
+    checkpoint stay as they were. With ``check_space``, rank 0 first checks that the folder's
+    filesystem has room for a checkpoint (the size of the previous one, or an estimate).
     """
     directory = checkpoint_dir(out)
     tag = f"step{step:08d}"
-    engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    target = directory / tag
+    problem = None
+    if is_main:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            previous = latest_tag(out)
+            if check_space:
+                need = _tree_bytes(directory / previous) if previous and (directory / previous).is_dir() else checkpoint_bytes_estimate(engine)
+                free = shutil.disk_usage(directory).free
+                if free < need + need // 10:
+                    problem = f"No space left on device: a checkpoint needs about {need / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there"
+        except OSError as error:
+            problem = write_error(error, target)
+    problem = _shared(problem)
+    if problem is not None:
+        raise CheckpointError(f"cannot write checkpoint {target}: {problem}; {_previous_words(out)}")
+
+    failure = None
+    try:
+        engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as error:  # a full disk, a quota, a vanished mount: reported below on every rank
+        failure = write_error(error, target)
+        # DeepSpeed's collectives all come before its writes; what is left is its closing
+        # barrier, which the ranks that did write are waiting at.
+        barrier()
+    if any_rank(failure is not None):
+        failures = [failure]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            failures = [None] * dist.get_world_size()
+            dist.all_gather_object(failures, failure, group=_control_group)
+        if is_main:
+            shutil.rmtree(target, ignore_errors=True)
+        barrier()
+        reasons = sorted({f for f in failures if f is not None})
+        raise CheckpointError(f"could not write checkpoint {target}: {'; '.join(reasons)}; the partial folder was removed; "
+                              f"{_previous_words(out)}")
     barrier()
     if is_main:
         staging = directory / f".{LATEST}.tmp"
@@ -287,6 +491,13 @@ def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, A
                     shutil.rmtree(directory / old, ignore_errors=True)
     barrier()
     return tag
+
+
+def _previous_words(out: Path) -> str:
+    previous = latest_tag(out)
+    if previous is None:
+        return "there is no earlier checkpoint"
+    return f"the last checkpoint, {checkpoint_dir(out) / previous}, is intact (--resume continues from it)"
 
 
 def load_checkpoint(engine: Any, out: Path) -> dict[str, Any] | None:
@@ -305,6 +516,8 @@ def load_checkpoint(engine: Any, out: Path) -> dict[str, Any] | None:
         tag = shared[0]
     if tag is None:
         return None
+    from deepspeed.accelerator import get_accelerator
+
     device = get_accelerator().current_device_name()
     missing = all_reduce_sum(torch.tensor([0.0 if (checkpoint_dir(out) / tag).is_dir() else 1.0], device=device))
     if missing.item():

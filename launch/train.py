@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -69,6 +71,12 @@ class TrainConfig:
     log_every: int = option(20, "optimizer steps between rows of metrics.jsonl / TensorBoard")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
     val_batch_size: int = option(0, "clips per rank per validation batch (0: ds.json's micro batch)")
+    deterministic: bool = option(
+        False,
+        "deterministic GPU kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG), so that a resumed "
+        "run repeats an uninterrupted one bit for bit on GPUs too; CPU runs are deterministic without it; "
+        "costs GPU speed (not measured here)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "log_every"):
@@ -153,6 +161,8 @@ def open_data(cfg: RunConfig) -> tuple[ShardSet, ShardSet]:
                 f"{name} {shards.url} has {shards.num_classes} classes but model.num_classes is {cfg.model.num_classes}: "
                 "set --model.num_classes to match or point at the right shards"
             )
+    if cfg.data.flip:
+        train_set.check_flip_labels()
     if train_set.frames != val_set.frames:
         raise ConfigError(f"data.train has {train_set.frames} frames per clip, data.val {val_set.frames}: shard both with the same --frames")
     return train_set, val_set
@@ -257,10 +267,13 @@ class MetricsLog:
         self.file = self.path.open("a")
         self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
 
-    def write(self, group: str, step: int, epoch: int, values: dict[str, float]) -> None:
+    def write(self, group: str, step: int, epoch: int, values: dict[str, float], prefix: str | None = None) -> None:
+        """One row of ``values`` (keys prefixed ``group_``, or ``prefix``) and TensorBoard scalars
+        ``group/key``."""
         if not self.enabled:
             return
-        prefix = "" if group == "train" else f"{group}_"
+        if prefix is None:
+            prefix = "" if group == "train" else f"{group}_"
         row = {"step": step, "epoch": epoch, **{prefix + k: round(v, 6) for k, v in values.items()}, "time": round(time.time(), 3)}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -332,33 +345,56 @@ def train_micro_batch(run: Run, batch: dict[str, Any], seed: int) -> tuple[torch
 
 @torch.no_grad()
 def validate(run: Run, epoch: int) -> dict[str, float]:
-    """Top-1/top-5 and loss over the whole validation set: each clip on one rank, sums reduced."""
+    """Top-1/top-5 and loss over the whole validation set: each clip on one rank, sums reduced.
+
+    A pass that did not see every clip of the manifest (clips skipped as corrupt, or storage
+    unreachable past ``data.storage_timeout_s``) is not passed off as the figure: its row says
+    ``val_complete: 0`` with the clips seen and expected, it goes to TensorBoard as
+    ``val_incomplete/*``, and a warning says what is missing.
+    """
     head, device = run.engine.module, run.ranks.device
     head.eval()
     dtype = next(head.parameters()).dtype
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*B, top-1, top-5, clips
+    seen, storage_failure = 0, None
     batch_size = run.cfg.train.val_batch_size or run.plan.micro
     loader = val_loader(run.cfg.data, run.val_set, batch_size=batch_size, rank=run.ranks.rank, world_size=run.ranks.world_size, device=device)
-    for batch in tqdm(loader, desc="validate", leave=False, disable=not run.ranks.is_main):
-        labels = batch["labels"].to(device)
-        labelled = labels >= 0
-        if not labelled.any():
-            continue
-        semantic, motion = run.model.features(batch["clips"].to(device)[labelled])
-        labels = labels[labelled]
-        logits = head(semantic.to(dtype), motion.to(dtype)).float()
-        top1, top5 = topk_correct(logits, labels)
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    try:
+        for batch in tqdm(loader, desc="validate", leave=False, disable=not run.ranks.is_main):
+            seen += len(batch["keys"])
+            labels = batch["labels"].to(device)
+            labelled = labels >= 0
+            if not labelled.any():
+                continue
+            semantic, motion = run.model.features(batch["clips"].to(device)[labelled])
+            labels = labels[labelled]
+            logits = head(semantic.to(dtype), motion.to(dtype)).float()
+            top1, top5 = topk_correct(logits, labels)
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    except storage.StorageUnavailable as error:
+        storage_failure = str(error)  # every rank still joins the sums below
     head.train()
     record_data_errors(run, "val_data", epoch, loader)
     loss_sum, top1, top5, clips = distributed.all_reduce_sum(sums).tolist()
-    if clips == 0:
+    seen_all, failed = distributed.sum_on_host([float(seen), float(storage_failure is not None)])
+    expected = run.val_set.num_samples
+    complete = seen_all == expected and not failed
+    if clips == 0 and complete:
         raise ConfigError(f"data.val {run.val_set.url} has no labelled clips to validate on")
-    values = {"loss": loss_sum / clips, "top1": top1 / clips, "top5": top5 / clips, "clips": clips}
-    run.metrics.write("val", run.step, epoch, values)
-    run.log(f"validation after step {run.step} (epoch {epoch}): top-1 {values['top1']:.4f}  top-5 {values['top5']:.4f}  "
-            f"loss {values['loss']:.4f}  ({int(clips)} clips)")
+    values = {"loss": loss_sum / max(clips, 1), "top1": top1 / max(clips, 1), "top5": top5 / max(clips, 1), "clips": clips,
+              "clips_expected": float(expected), "complete": float(complete)}
+    run.metrics.write("val" if complete else "val_incomplete", run.step, epoch, values, prefix="val_")
+    summary = (f"top-1 {values['top1']:.4f}  top-5 {values['top5']:.4f}  loss {values['loss']:.4f}  "
+               f"({int(clips)} labelled clips, {int(seen_all)} of {expected} read)")
+    if complete:
+        run.log(f"validation after step {run.step} (epoch {epoch}): {summary}")
+    else:
+        cause = f"storage unreachable ({storage_failure})" if storage_failure else "see the skipped samples and shards above"
+        if failed and not storage_failure:
+            cause = "storage unreachable on another rank"
+        run.log(f"warning: validation after step {run.step} (epoch {epoch}) is INCOMPLETE, {int(expected - seen_all)} of {expected} "
+                f"clips missing ({cause}); not comparable with a full pass: {summary}")
     run.last_validated = run.step
     return values
 
@@ -381,44 +417,89 @@ def checkpoint(run: Run, position: Position) -> None:
     run.log(f"checkpoint {run.out / distributed.CHECKPOINTS / tag} (epoch {position.epoch}, batch {position.batch})")
 
 
+class DataStop(RuntimeError):
+    """Training stopped because of its data (storage unreachable past its deadline, or more
+    clips lost than ``data.max_skipped_fraction`` allows); a checkpoint was written first."""
+
+
+def stop_for_data(run: Run, position: Position, reason: str) -> None:
+    """Checkpoint where every rank stands (a collective) and raise :class:`DataStop`."""
+    if run.last_saved != run.step:  # the same step twice would rewrite a good checkpoint
+        checkpoint(run, position)
+    where = f"{run.out / distributed.CHECKPOINTS / distributed.latest_tag(run.out)}" if distributed.latest_tag(run.out) else "none"
+    raise DataStop(f"{reason}. Stopped at step {run.step} (epoch {position.epoch}, micro-batch {position.batch}); "
+                   f"checkpoint: {where}. Fix the cause, then rerun the same command with --resume")
+
+
+def check_data_budget(run: Run, loader: Loader, position: Position) -> None:
+    """Stop the run once this epoch has replaced more clips than ``data.max_skipped_fraction``
+    of it (a collective; called at the same steps on every rank)."""
+    epoch_clips = run.batches_per_epoch * run.plan.micro * run.ranks.world_size
+    replaced, corrupt_shards = distributed.sum_on_host([float(loader.stats["refilled_samples"]), float(loader.stats["corrupt_shards"])])
+    if replaced > run.cfg.data.max_skipped_fraction * epoch_clips:
+        stop_for_data(run, position,
+                      f"{int(replaced)} clips of epoch {position.epoch} had to be replaced by repeats ({int(corrupt_shards)} unreadable "
+                      f"or mismatched shards; see the warnings above), more than data.max_skipped_fraction "
+                      f"{run.cfg.data.max_skipped_fraction:g} of its {epoch_clips} clips: re-shard or restore {run.train_set.url}, "
+                      "or raise data.max_skipped_fraction")
+
+
 def fit(run: Run, position: Position) -> None:
     """Train from ``position`` until ``total_steps``: validate and checkpoint every epoch,
-    checkpoint every ``checkpoint_every`` steps, log every ``log_every`` steps."""
+    checkpoint every ``checkpoint_every`` steps, log every ``log_every`` steps.
+
+    Every rank tells the others, each micro-batch, whether it got its batch (a vote on the
+    CPU): if storage is gone on one rank past ``data.storage_timeout_s``, all ranks write one
+    checkpoint together and the run stops (:class:`DataStop`), instead of hanging in a
+    collective or training on what is left.
+    """
     cfg, engine, ranks = run.cfg, run.engine, run.ranks
     meter = Meter(ranks.device, ranks.world_size)
     bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not ranks.is_main, dynamic_ncols=True)
-    for epoch in range(position.epoch, cfg.train.epochs):
-        if run.step >= run.total_steps:
-            break
-        first = position.batch if epoch == position.epoch else 0
-        loader = train_loader(cfg.data, run.train_set, batch_size=run.plan.micro, rank=ranks.rank, world_size=ranks.world_size,
-                              epoch=epoch, seed=cfg.train.seed, skip_batches=first, device=ranks.device)
-        batches = iter(loader)
-        index = first
-        while index < run.batches_per_epoch and run.step < run.total_steps:
-            with meter.waiting():
-                batch = next(batches)
-            meter.add(*train_micro_batch(run, batch, step_seed(cfg.train.seed, ranks.rank, epoch, index)))
-            index += 1
-            if index % run.plan.accumulation:
-                continue
-            bar.update(1)
-            position = Position(epoch, index)
-            if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
-                values = {**meter.reduce(), "lr": engine.get_lr()[0]}
-                run.metrics.write("train", run.step, epoch, values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", clips_s=f"{values['clips_per_s']:.1f}")
-            if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 and index < run.batches_per_epoch:
+    try:
+        for epoch in range(position.epoch, cfg.train.epochs):
+            if run.step >= run.total_steps:
+                break
+            first = position.batch if epoch == position.epoch else 0
+            loader = train_loader(cfg.data, run.train_set, batch_size=run.plan.micro, rank=ranks.rank, world_size=ranks.world_size,
+                                  epoch=epoch, seed=cfg.train.seed, skip_batches=first, device=ranks.device)
+            batches = iter(loader)
+            index = first
+            while index < run.batches_per_epoch and run.step < run.total_steps:
+                failure = None
+                with meter.waiting():
+                    try:
+                        batch = next(batches)
+                    except storage.StorageError as error:
+                        failure = str(error)
+                if distributed.any_rank(failure is not None):
+                    del batches  # stop this epoch's loader workers
+                    stop_for_data(run, Position(epoch, index - index % run.plan.accumulation),
+                                  f"training data unreachable: {failure or 'storage failed on another rank'}")
+                meter.add(*train_micro_batch(run, batch, step_seed(cfg.train.seed, ranks.rank, epoch, index)))
+                index += 1
+                if index % run.plan.accumulation:
+                    continue
+                bar.update(1)
+                position = Position(epoch, index)
+                if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+                    values = {**meter.reduce(), "lr": engine.get_lr()[0]}
+                    run.metrics.write("train", run.step, epoch, values)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", clips_s=f"{values['clips_per_s']:.1f}")
+                    check_data_budget(run, loader, position)
+                if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 and index < run.batches_per_epoch:
+                    with meter.paused():
+                        checkpoint(run, position)
+            del batches  # stop this epoch's loader workers before validation starts its own
+            record_data_errors(run, "train_data", epoch, loader)
+            check_data_budget(run, loader, position)
+            if index == run.batches_per_epoch:
+                position = Position(epoch + 1, 0)
                 with meter.paused():
+                    validate(run, epoch)
                     checkpoint(run, position)
-        del batches  # stop this epoch's loader workers before validation starts its own
-        record_data_errors(run, "train_data", epoch, loader)
-        if index == run.batches_per_epoch:
-            position = Position(epoch + 1, 0)
-            with meter.paused():
-                validate(run, epoch)
-                checkpoint(run, position)
-    bar.close()
+    finally:
+        bar.close()
     if run.last_validated != run.step:
         validate(run, position.epoch)
     if run.last_saved != run.step:
@@ -455,6 +536,16 @@ def restore(run: Run) -> Position:
     return position
 
 
+def deterministic_kernels() -> None:
+    """Ask torch for deterministic kernels everywhere (``train.deterministic``). cuBLAS reads
+    ``CUBLAS_WORKSPACE_CONFIG`` when it starts, so this runs before anything touches CUDA."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    # warn_only: an op without a deterministic kernel warns instead of stopping a long run
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def setup(args: argparse.Namespace, cfg: RunConfig) -> tuple[Run, Position]:
     """Check everything that can be checked before the process group forms, then build the run."""
     rank, world_size, _, _ = distributed.rendezvous_environment(args.local_rank)
@@ -464,11 +555,14 @@ def setup(args: argparse.Namespace, cfg: RunConfig) -> tuple[Run, Position]:
     say(f"config: {args.config}{chosen}")
     train_set, val_set = open_data(cfg)
     ds_json = distributed.read_ds_config(args.deepspeed)
+    distributed.check_ds_config(ds_json)
     plan = distributed.batch_plan(ds_json, world_size)
     per_epoch = steps_per_epoch(train_set, plan)
     steps = total_steps(cfg.train, per_epoch)
     prepare_out(args.out, args.resume)
 
+    if cfg.train.deterministic:
+        deterministic_kernels()
     ranks = distributed.init_distributed(args.local_rank)
     gpu = distributed.on_gpu(ranks)
     ds_config = distributed.adapt_ds_config(ds_json, total_steps=steps, gpu=gpu, log=say)
@@ -479,7 +573,7 @@ def setup(args: argparse.Namespace, cfg: RunConfig) -> tuple[Run, Position]:
     torch.manual_seed(cfg.train.seed)  # the same head initialisation on every rank
     model = build_model(cfg.model, ranks.device)
     say(format_report(parameter_report(model)))
-    engine = distributed.wrap_head(model.head, ds_config)
+    engine = distributed.wrap_head(model.head, ds_config, log=say)
     if main_rank:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -498,15 +592,46 @@ def export_head(run: Run) -> Path:
     state = distributed.full_fp32_state_dict(run.engine)  # collective: every rank
     path = run.out / "head.pt"
     if run.ranks.is_main:
-        torch.save({"model": to_dict(run.cfg.model), "head": state, "step": run.step}, path)
+        staging = path.with_name(".head.pt.partial")
+        try:
+            torch.save({"model": to_dict(run.cfg.model), "head": state, "step": run.step}, staging)
+            os.replace(staging, path)
+        except Exception as error:
+            staging.unlink(missing_ok=True)
+            raise distributed.CheckpointError(f"could not write {path}: {distributed.write_error(error, path)}; "
+                                              "the checkpoints hold the same weights") from None
         run.log(f"head weights: {path}")
     return path
 
 
+class _TqdmHandler(logging.Handler):
+    """Log records through ``tqdm.write``: on their own lines, never inside a progress bar."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(logging.WARNING)
+        self.prefix = prefix
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(f"{self.prefix}{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def route_warnings(rank: int) -> None:
+    """The loader's and the backbones' warnings, printed above the progress bar, with the rank
+    on any rank but 0."""
+    for name in ("fusion", "sharding"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [_TqdmHandler("" if rank == 0 else f"[rank {rank}] ")]
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 2 a config, input or storage problem found before training;
+    3 stopped for its data (storage unreachable, data-loss budget) after a checkpoint:
+    ``--resume`` continues; 4 a checkpoint could not be written (the earlier ones are intact)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, cfg = parse_command_line(argv)
+        route_warnings(int(os.environ.get("RANK", "0")))
         run, position = setup(args, cfg)
     except (ConfigError, storage.StorageError, FileNotFoundError, ValueError, WeightsError) as error:
         print(f"launch/train.py: error: {error}", file=sys.stderr)
@@ -514,6 +639,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fit(run, position)
         export_head(run)
+    except DataStop as error:
+        print(f"launch/train.py: stopped: {error}", file=sys.stderr)
+        return 3
+    except distributed.CheckpointError as error:
+        print(f"launch/train.py: error: {error}", file=sys.stderr)
+        return 4
     finally:
         if run.metrics is not None:
             run.metrics.close()

@@ -1,5 +1,13 @@
-"""Read SSv2's annotation files: ``labels/labels.json`` (template -> id) and
-``labels/{train,validation,test}.json`` (one entry per clip, in the order they are packed).
+"""Read SSv2's annotation files: the label map (template -> id) and the split files (one
+entry per clip, in the order they are packed).
+
+SSv2 circulates with two namings of the same files, both accepted (:func:`find_label_files`):
+
+- ``labels/labels.json``, ``labels/train.json``, ``labels/validation.json``, ``labels/test.json``
+  (the current download);
+- ``something-something-v2-labels.json``, ``-train.json``, ``-validation.json``, ``-test.json``
+  (the original 20BN release, what mmaction2's preparation docs expect), in ``annotations/``,
+  ``labels/`` or the root itself.
 
 Files that are missing or malformed raise :class:`AnnotationError` naming the file: the
 caller cannot go on without them. Problems with single clips (an unknown template, a
@@ -12,10 +20,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharding.ssv2 import template_key
+from sharding.ssv2 import LABELS_DIR, template_key
 
 SPLITS = ("train", "validation", "test")
-LABELS_FILE = "labels.json"
+# (label map, split file pattern) of each naming, the current download's first
+NAMINGS = (("labels.json", "{split}.json"), ("something-something-v2-labels.json", "something-something-v2-{split}.json"))
+# where an SSv2 root keeps them, searched in this order when no folder is given
+LABEL_FOLDERS = (LABELS_DIR, "annotations", ".")
 
 
 class AnnotationError(Exception):
@@ -41,9 +52,39 @@ def _read_json(path: Path):
         raise AnnotationError(f"malformed JSON in {path}: {error}") from error
 
 
-def read_label_map(labels_dir: Path) -> dict[str, int]:
-    """``labels.json`` as {template without brackets: label id}."""
-    path = Path(labels_dir) / LABELS_FILE
+@dataclass(frozen=True)
+class LabelFiles:
+    """The label map and the split file one run reads."""
+
+    labels: Path
+    split: Path
+
+
+def find_label_files(root: Path, split: str, folder: Path | None = None) -> LabelFiles:
+    """The label map and ``split``'s file under ``folder`` (or, without it, ``root/labels``,
+    ``root/annotations`` or ``root``), in either naming (see the module docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    folders = [Path(folder)] if folder is not None else [Path(root) / name for name in LABEL_FOLDERS]
+    looked = []
+    for candidate in folders:
+        for labels_name, split_pattern in NAMINGS:
+            labels, split_file = candidate / labels_name, candidate / split_pattern.format(split=split)
+            if labels.is_file():
+                if not split_file.is_file():
+                    raise AnnotationError(f"label file not found: {split_file} (beside {labels}, which was found)")
+                return LabelFiles(labels=labels, split=split_file)
+            looked.append(str(labels))
+    raise AnnotationError(
+        f"label file not found: looked for {', '.join(looked)}; point --labels at the folder holding labels.json "
+        "(or something-something-v2-labels.json) and the split files"
+    )
+
+
+def read_label_map(path: Path) -> dict[str, int]:
+    """The label map file (``labels.json`` or ``something-something-v2-labels.json``) as
+    {template without brackets: label id}."""
+    path = Path(path)
     raw = _read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise AnnotationError(f"malformed {path}: expected a non-empty object mapping templates to ids")
@@ -60,11 +101,9 @@ def templates_in_id_order(label_map: dict[str, int]) -> list[str]:
     return [template for template, _ in sorted(label_map.items(), key=lambda item: item[1])]
 
 
-def read_split(labels_dir: Path, split: str) -> list[ClipEntry]:
-    """The clips of ``split`` in file order."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-    path = Path(labels_dir) / f"{split}.json"
+def read_split(path: Path) -> list[ClipEntry]:
+    """The clips of a split file, in file order."""
+    path = Path(path)
     raw = _read_json(path)
     if not isinstance(raw, list):
         raise AnnotationError(f"malformed {path}: expected a list of clip entries")

@@ -47,12 +47,14 @@ from sharding.annotations import (
     SPLITS,
     AnnotationError,
     ClipEntry,
+    LabelFiles,
+    find_label_files,
     label_of,
     read_label_map,
     read_split,
     templates_in_id_order,
 )
-from sharding.ssv2 import LABELS_DIR, VIDEOS_DIR
+from sharding.ssv2 import VIDEOS_DIR
 from sharding.video import VideoError, decode_sampled, encode_jpeg
 
 FORMAT = "ssv2-frames/1"
@@ -93,6 +95,7 @@ class Job:
     split: str
     out: str
     videos_dir: Path
+    label_files: LabelFiles
     entries: list[ClipEntry]
     label_map: dict[str, int]
     options: PackOptions
@@ -134,10 +137,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="make_shards",
         description="Pack an SSv2 split into WebDataset shards of T JPEG frames per clip.",
     )
-    parser.add_argument("--root", required=True, help="SSv2 root holding labels/ and 20bn-something-something-v2/")
+    parser.add_argument("--root", required=True,
+                        help="SSv2 root holding the videos (20bn-something-something-v2/) and the label files: "
+                             "labels/labels.json + labels/{train,validation,test}.json, or the original release's "
+                             "something-something-v2-{labels,train,validation,test}.json in annotations/, labels/ or ROOT")
     parser.add_argument("--split", required=True, choices=SPLITS)
     parser.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    parser.add_argument("--labels", help="label folder (default: ROOT/labels)")
+    parser.add_argument("--labels", help="folder of the label files, either naming (default: the first of ROOT/labels, "
+                        "ROOT/annotations, ROOT that holds them)")
     parser.add_argument("--videos", help="video folder (default: ROOT/20bn-something-something-v2)")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip, T (default 16)")
     parser.add_argument("--short-side", type=int, default=240, help="resize the short side to this (default 240)")
@@ -176,10 +183,10 @@ def prepare(args: argparse.Namespace) -> Job:
     root = Path(args.root)
     if not root.is_dir() and not (args.labels and args.videos):
         raise InputError(f"SSv2 root not found: {root}")
-    labels_dir = Path(args.labels) if args.labels else root / LABELS_DIR
+    label_files = find_label_files(root, args.split, Path(args.labels) if args.labels else None)
     videos_dir = Path(args.videos) if args.videos else root / VIDEOS_DIR
-    label_map = read_label_map(labels_dir)
-    entries = read_split(labels_dir, args.split)
+    label_map = read_label_map(label_files.labels)
+    entries = read_split(label_files.split)
     if args.limit is not None:
         entries = entries[: args.limit]
     if not videos_dir.is_dir():
@@ -200,14 +207,15 @@ def prepare(args: argparse.Namespace) -> Job:
         "split": args.split,
         "shard_size": args.shard_size,
         "videos": str(videos_dir.resolve()),
-        "labels_sha256": _file_digest(labels_dir / "labels.json"),
-        "split_sha256": _file_digest(labels_dir / f"{args.split}.json"),
+        "labels_sha256": _file_digest(label_files.labels),
+        "split_sha256": _file_digest(label_files.split),
         **asdict(options),
     }
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     manifest_args = {
         "root": str(args.root),
-        "labels": str(labels_dir),
+        "labels": str(label_files.labels),
+        "split_file": str(label_files.split),
         "videos": str(videos_dir),
         "split": args.split,
         "out": out,
@@ -223,6 +231,7 @@ def prepare(args: argparse.Namespace) -> Job:
         split=args.split,
         out=out,
         videos_dir=videos_dir,
+        label_files=label_files,
         entries=entries,
         label_map=label_map,
         options=options,
@@ -272,6 +281,7 @@ def pack_clip(task: ClipTask, options: PackOptions, decode_threads: int = 0) -> 
         "width": clip.width,
         "height": clip.height,
         "repeated_frames": clip.repeated_frames,
+        "rotation": clip.rotation,
     }
     sample["json"] = json.dumps(info, ensure_ascii=False).encode("utf-8")
     return sample, None
@@ -549,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         job = prepare(args)
+        print(f"labels: {job.label_files.labels}; {job.split}: {job.label_files.split} ({len(job.entries)} clips)")
         summary = run(job)
     except (InputError, AnnotationError, storage.StorageError) as error:
         _error(str(error))

@@ -33,6 +33,11 @@ class StorageAccessError(StorageError):
     cannot help, so readers stop instead of skipping data."""
 
 
+class StorageUnavailable(StorageError):
+    """The store stayed unreachable (connection refused, timeouts, HTTP 5xx) for longer than
+    the reader was told to wait; the data is probably fine, the service is not."""
+
+
 def is_s3_url(url: str | os.PathLike) -> bool:
     return str(url).startswith(S3_SCHEME)
 
@@ -115,8 +120,12 @@ def _s3_errors(url: str):
             raise FileNotFoundError(f"no such object: {url}") from error
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = error.response.get("Error", {}).get("Code")
-        message = f"S3 request for {url} failed (HTTP {status} {code}): check {CREDENTIAL_ENV_VARS}"
-        raise (StorageAccessError if status in (401, 403) else StorageError)(message) from error
+        if status in (401, 403):
+            raise StorageAccessError(f"S3 refused {url} (HTTP {status} {code}): check {CREDENTIAL_ENV_VARS}") from error
+        if isinstance(status, int) and status >= 500:
+            raise StorageError(f"S3 server error for {url} (HTTP {status} {code}, still failing after botocore's "
+                               f"{S3_RETRY_ATTEMPTS} attempts): the store at {_endpoint_description()} is failing, not the data") from error
+        raise StorageError(f"S3 request for {url} failed (HTTP {status} {code})") from error
     except (BotoCoreError, S3UploadFailedError) as error:
         raise StorageError(f"S3 request for {url} at {_endpoint_description()} failed: {error}") from error
 
@@ -142,9 +151,11 @@ def check_s3_access(url: str) -> None:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if status == 404:
             raise StorageError(f"{where} does not exist: create it or check AWS_ENDPOINT_URL") from error
+        if isinstance(status, int) and status >= 500:
+            raise StorageError(f"{where} answers with a server error (HTTP {status}): the store is failing, retry later") from error
         raise StorageAccessError(f"access to {where} denied (HTTP {status}): check {CREDENTIAL_ENV_VARS}") from error
     except BotoCoreError as error:
-        raise StorageError(f"cannot reach {where} ({error}): check {CREDENTIAL_ENV_VARS}") from error
+        raise StorageError(f"cannot reach {where} ({error}): check AWS_ENDPOINT_URL and that the store is up") from error
 
 
 def exists(url: str | os.PathLike) -> bool:
@@ -178,6 +189,19 @@ def open_stream(url: str | os.PathLike) -> BinaryIO:
     bucket, key = split_s3_url(url)
     with _s3_errors(url):
         return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+
+
+def open_sized(url: str | os.PathLike) -> tuple[BinaryIO, int]:
+    """:func:`open_stream` and the size in bytes of what it will read (the object's
+    Content-Length on S3), so a reader can check it before reading."""
+    url = str(url)
+    if not is_s3_url(url):
+        stream = open(url, "rb")
+        return stream, os.fstat(stream.fileno()).st_size
+    bucket, key = split_s3_url(url)
+    with _s3_errors(url):
+        response = s3_client().get_object(Bucket=bucket, Key=key)
+    return response["Body"], int(response["ContentLength"])
 
 
 def write_bytes(url: str | os.PathLike, data: bytes) -> None:

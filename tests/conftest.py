@@ -8,6 +8,7 @@ fixtures at the end of this file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -188,6 +190,85 @@ def s3_env(s3_server: S3Server, monkeypatch) -> str:
     yield bucket
 
 
+class FaultyProxy:
+    """A TCP proxy in front of the S3 server, to make its faults for real on the wire.
+
+    - its first ``failures`` connections get an HTTP ``status`` (503: what S3 answers when
+      overloaded; 500: a failing server); later ones are piped through untouched;
+    - :meth:`down` is an outage: the port stops listening (clients get "connection refused")
+      and every open connection is cut mid-transfer; :meth:`up` listens again on the same port.
+    """
+
+    def __init__(self, upstream_port: int, failures: int = 0, status: int = 503):
+        self.upstream_port = upstream_port
+        self.failures_left = failures
+        self.failures_served = 0
+        self.status = status
+        self.port = _free_ports(1)[0]
+        self.connections: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.listener = None
+        self.up()
+
+    def up(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # closed: an outage or the end
+            if self.failures_left > 0:
+                self.failures_left -= 1
+                self.failures_served += 1
+                client.recv(65536)
+                reason = {500: "Internal Server Error", 503: "Service Unavailable"}.get(self.status, "Error")
+                client.sendall(f"HTTP/1.1 {self.status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.connections += [client, upstream]
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.down()
+
+
 # Sizes of the synthetic SSv2 root: tiny, so every test that packs it takes seconds.
 SYNTHETIC_CLASSES = 3
 SYNTHETIC_TRAIN_PER_CLASS = 2
@@ -227,3 +308,66 @@ def synthetic_shards(synthetic_root: Path, tmp_path_factory) -> Path:
         code = make_shards.main([*argv, "--shard-size", str(SYNTHETIC_SHARD_SIZE), "--workers", "1", "--no-progress"])
         assert code == 0, f"make_shards failed on the synthetic {split} split"
     return out
+
+
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="session")
+def one_rank():
+    """This process as a one-rank job (gloo), as `python launch/train.py` makes it.
+
+    Once per session: DeepSpeed caches its process groups in module globals, so a second
+    process group in the same process would meet the first one's stale groups. Subprocesses
+    must not inherit these variables (:func:`clean_env`)."""
+    import torch.distributed as dist
+
+    from launch import distributed
+
+    saved = {name: os.environ.get(name) for name in RENDEZVOUS_VARS}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(distributed._free_port()))
+    ranks = distributed.init_distributed(None)
+    yield ranks
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child launcher or rank, without the rendezvous
+    variables :func:`one_rank` may have set here."""
+    env = {name: value for name, value in os.environ.items() if name not in RENDEZVOUS_VARS}
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size: str):
+    """A real filesystem of ``size`` (tmpfs, e.g. "1m") mounted at ``folder``: writes beyond it
+    fail with "No space left on device" as on a full disk. Needs root (CI runs as root); the
+    test is skipped, saying so, where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up ({mounted.stderr.strip() or 'mount failed'}): needs root")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_up(folder: Path, leave_bytes: int) -> Path:
+    """A ballast file that leaves about ``leave_bytes`` free on ``folder``'s filesystem."""
+    ballast = folder / "ballast"
+    free = shutil.disk_usage(folder).free
+    with open(ballast, "wb") as file:
+        remaining = max(0, free - leave_bytes)
+        while remaining > 0:
+            chunk = min(remaining, 1 << 20)
+            file.write(b"\0" * chunk)
+            remaining -= chunk
+    return ballast

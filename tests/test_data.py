@@ -22,7 +22,7 @@ import webdataset as wds
 from fusion.config import ConfigError
 from fusion.data import DataConfig, ShardSet, batches_per_rank, train_loader, val_loader
 from sharding import storage
-from sharding.ssv2 import LEFT_RIGHT_PAIRS, flip_label
+from sharding.ssv2 import LEFT_RIGHT_PAIRS, TEMPLATES, flip_label
 
 FRAMES = 4
 HEIGHT, WIDTH = 24, 32
@@ -37,7 +37,8 @@ def _frame(index: int, mirrored_marker: bool = False) -> np.ndarray:
     return image
 
 
-def write_shards(folder: Path, sizes: list[int], *, label_of=lambda n: n % 174, extra_member: dict | None = None) -> list[str]:
+def write_shards(folder: Path, sizes: list[int], *, label_of=lambda n: n % 174, extra_member: dict | None = None,
+                 templates: list[str] | None = None) -> list[str]:
     """Shards ``shard-%06d.tar`` holding ``sizes[i]`` samples each, plus manifest.json; returns keys."""
     folder.mkdir(parents=True, exist_ok=True)
     keys, entries, number = [], [], 0
@@ -56,7 +57,7 @@ def write_shards(folder: Path, sizes: list[int], *, label_of=lambda n: n % 174, 
         entries.append({"name": name, "num_samples": size, "bytes": (folder / name).stat().st_size, "sha256": ""})
     manifest = {
         "format": "ssv2-frames/1", "split": "train", "frames": FRAMES, "short_side": HEIGHT, "jpeg_quality": 90,
-        "templates": [f"template {i}" for i in range(174)], "num_samples": sum(sizes), "num_rejected": 0,
+        "templates": list(TEMPLATES) if templates is None else templates, "num_samples": sum(sizes), "num_rejected": 0,
         "shards": entries, "args": {},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -252,20 +253,19 @@ def test_validation_skips_damaged_clips_and_counts_them(damaged_shards, no_hang)
     assert loader.stats["corrupt_samples"] == 1 and loader.stats["corrupt_shards"] == 1
 
 
-def test_unreadable_shard_is_retried_then_skipped(tmp_path, no_hang):
-    """A shard that cannot be opened (here a folder where the file should be: an OSError, as
-    a dropped connection would be) is re-opened with backoff, then skipped and counted."""
+def test_unreadable_shard_is_skipped_without_waiting(tmp_path, no_hang):
+    """A shard that cannot be read for a reason that will not go away (here a folder where the
+    file should be) is skipped and counted at once: only an unreachable store is waited for."""
     keys = write_shards(tmp_path / "shards", [2, 2, 2])
     shard = tmp_path / "shards" / "shard-000001.tar"
     shard.unlink()
     shard.mkdir()
     shardset = ShardSet.open(str(tmp_path / "shards"))
-    loader = train_loader(DataConfig(num_workers=0, crop_size=16, read_retries=1), shardset,
-                          batch_size=2, rank=0, world_size=1, epoch=0, seed=0)
+    loader = train_loader(DataConfig(num_workers=0, crop_size=16), shardset, batch_size=2, rank=0, world_size=1, epoch=0, seed=0)
     batches = [b["keys"] for b in loader]
     assert len(batches) == 3 and all(len(b) == 2 for b in batches)
     assert not {keys[2], keys[3]} & {key for b in batches for key in b}
-    assert loader.stats["read_retries"] >= 1 and loader.stats["corrupt_shards"] >= 1
+    assert loader.stats["read_retries"] == 0 and loader.stats["corrupt_shards"] >= 1
     assert loader.stats["refilled_samples"] >= 2
 
 
@@ -315,6 +315,26 @@ def test_flip_swaps_left_right_labels_with_the_pixels(tmp_path):
             kept += int(not mirrored)
     assert flipped and kept
     assert flip_label(86) == 87 and flip_label(87) == 86 and flip_label(5) == 5
+
+
+def test_flip_is_refused_when_the_manifest_has_other_labels(tmp_path):
+    # the left/right swap uses SSv2's ids: a relabelled dataset would get its labels corrupted
+    swapped = list(TEMPLATES)
+    swapped[86], swapped[5] = swapped[5], swapped[86]
+    cases = {"relabelled": swapped, "partial": list(TEMPLATES[:10]), "none": []}
+    for name, templates in cases.items():
+        write_shards(tmp_path / name, [2], templates=templates)
+        shardset = ShardSet.open(str(tmp_path / name))
+        with pytest.raises(ConfigError, match="data.flip") as error:
+            train_loader(DataConfig(num_workers=0, crop_size=16, flip=True), shardset, batch_size=1, rank=0, world_size=1,
+                         epoch=0, seed=0)
+        assert str(tmp_path / name) in str(error.value) and "set data.flip false" in str(error.value)
+        # without flip the same shards are fine: the labels are used as they are
+        assert len(train_loader(DataConfig(num_workers=0, crop_size=16), shardset, batch_size=1, rank=0, world_size=1,
+                                epoch=0, seed=0)) == 2
+    with pytest.raises(ConfigError) as error:
+        ShardSet.open(str(tmp_path / "relabelled")).check_flip_labels()
+    assert f"label 5 of {tmp_path / 'relabelled'}/manifest.json is {TEMPLATES[86]!r}, SSv2's is {TEMPLATES[5]!r}" in str(error.value)
 
 
 def test_validation_is_a_centre_crop_without_flip(tmp_path):

@@ -259,6 +259,126 @@ def test_strict_and_nothing_packed_fail(synthetic_root, tmp_path, capsys):
     assert [(r["id"], r["reason"]) for r in rejects] == [(first, "missing_video")]
 
 
+# ------------------------------------------------------------------ files as users have them
+
+
+ORIGINAL_NAMING = {"labels.json": "something-something-v2-labels.json", "train.json": "something-something-v2-train.json",
+                   "validation.json": "something-something-v2-validation.json", "test.json": "something-something-v2-test.json"}
+
+
+@pytest.mark.parametrize("place", ["annotations", "labels", "root", "--labels"])
+def test_original_release_label_names_give_the_same_shards(synthetic_root, synthetic_shards, tmp_path, place, capsys):
+    """The 20BN release's something-something-v2-*.json names (mmaction2's docs) read like labels/*.json."""
+    root = tmp_path / "root"
+    (root).mkdir()
+    (root / VIDEOS).symlink_to(synthetic_root / VIDEOS)
+    folder = {"annotations": root / "annotations", "labels": root / "labels", "root": root, "--labels": tmp_path / "elsewhere"}[place]
+    folder.mkdir(exist_ok=True)
+    for current, original in ORIGINAL_NAMING.items():
+        shutil.copy(synthetic_root / "labels" / current, folder / original)
+    out = tmp_path / "out"
+    extra = ["--labels", str(folder)] if place == "--labels" else []
+    assert run_main("--root", str(root), "--split", "train", "--out", str(out), "--shard-size", str(SYNTHETIC_SHARD_SIZE),
+                    "--workers", "1", *extra) == 0
+    assert shard_files(out) == shard_files(synthetic_shards / "train")
+    said = capsys.readouterr().out
+    assert f"labels: {folder / ORIGINAL_NAMING['labels.json']}; train: {folder / ORIGINAL_NAMING['train.json']}" in said
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["args"]["labels"] == str(folder / ORIGINAL_NAMING["labels.json"])
+
+
+def test_missing_label_files_name_every_place_looked(tmp_path, capsys):
+    (tmp_path / "root" / VIDEOS).mkdir(parents=True)
+    assert run_main("--root", str(tmp_path / "root"), "--split", "train", "--out", str(tmp_path / "out")) == 2
+    error = capsys.readouterr().err
+    for looked in ("labels/labels.json", "annotations/something-something-v2-labels.json", "root/something-something-v2-labels.json"):
+        assert looked in error
+    assert "Traceback" not in error and not (tmp_path / "out").exists()
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], *, faststart: bool = False, fps: int = 12) -> None:
+    """H.264 in MP4, as ffmpeg re-encodes a phone clip (index at the end unless ``faststart``)."""
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"} if faststart else {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def set_display_rotation(path: Path, clockwise: int) -> None:
+    """Write the track header's display matrix the way ffmpeg's MP4 muxer does for a clip to be
+    shown turned ``clockwise`` degrees (``-metadata:s:v rotate=90``, phone footage)."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"tkhd")
+    version = data[at + 4]
+    # after type, version+flags, the times, track id, reserved and duration; then reserved(8),
+    # layer, alternate group, volume and reserved (8): the 3x3 matrix of 36 bytes
+    matrix_at = at + 4 + 4 + (32 if version == 1 else 20) + 8 + 8
+    cos, sin = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[clockwise]
+    fixed = [cos, sin, 0, -sin, cos, 0]
+    words = [(v * 65536) & 0xFFFFFFFF for v in fixed] + [0, 0, 0x40000000]
+    data[matrix_at : matrix_at + 36] = b"".join(w.to_bytes(4, "big") for w in words)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("clockwise", [0, 90, 180, 270])
+def test_rotated_phone_clip_is_stored_upright(synthetic_root, tmp_path, clockwise):
+    # upright, the clip is portrait, 64 wide and 96 tall, with a bright block in its top-left corner
+    upright = np.full((96, 64, 3), 30, np.uint8)
+    upright[:32, :24] = 230
+    stored = np.ascontiguousarray(np.rot90(upright, k=clockwise // 90))  # what the sensor recorded
+    root = tmp_path / "root"
+    (root / VIDEOS).mkdir(parents=True)
+    shutil.copytree(synthetic_root / "labels", root / "labels")
+    entry = dict(split_entries(synthetic_root, "train")[0], id="7001")
+    (root / "labels" / "train.json").write_text(json.dumps([entry]))
+    video = root / VIDEOS / "7001.mp4"
+    write_mp4(video, [stored] * 12)
+    set_display_rotation(video, clockwise)
+    with av.open(str(video)) as container:  # what ffprobe would say: rotation in the display matrix
+        assert next(container.decode(video=0)).rotation == {0: 0, 90: -90, 180: -180, 270: 90}[clockwise]
+
+    assert run_main("--root", str(root), "--split", "train", "--out", str(tmp_path / "out"), "--frames", "4",
+                    "--short-side", "48") == 0
+    (sample,) = read_samples(str(tmp_path / "out"))
+    info = json.loads(sample["json"])
+    assert (info["rotation"], info["width"], info["height"]) == (clockwise, 48, 72)  # short side = the upright width
+    frame = simplejpeg.decode_jpeg(sample["002.jpg"])
+    assert frame.shape == (72, 48, 3)
+    assert frame[2:22, 2:16].mean() > 200 and frame[-20:, -20:].mean() < 60  # bright corner top-left, as shown
+
+
+def test_a_truncated_file_is_truncated_in_every_container(synthetic_root, tmp_path):
+    root = tmp_path / "root"
+    (root / VIDEOS).mkdir(parents=True)
+    shutil.copytree(synthetic_root / "labels", root / "labels")
+    template = split_entries(synthetic_root, "train")[0]
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(24)]
+    clips = {}
+    for name, faststart in (("mp4_index_last", False), ("mp4_faststart", True)):
+        write_mp4(root / VIDEOS / f"{name}.mp4", frames, faststart=faststart)
+        clips[name] = (root / VIDEOS / f"{name}.mp4")
+    write_webm(root / VIDEOS / "webm.webm", frames=24)
+    clips["webm"] = root / VIDEOS / "webm.webm"
+    whole = {name: path.read_bytes() for name, path in clips.items()}
+    entries = []
+    for name, path in clips.items():  # each whole, and cut at 60 % as a broken download is
+        cut = path.with_name(f"{name}_cut{path.suffix}")
+        cut.write_bytes(whole[name][: len(whole[name]) * 6 // 10])
+        entries += [dict(template, id=name), dict(template, id=f"{name}_cut")]
+    (root / "labels" / "train.json").write_text(json.dumps(entries))
+    out = tmp_path / "out"
+    assert run_main("--root", str(root), "--split", "train", "--out", str(out), "--frames", "4") == 0
+    rejects = {r["id"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert rejects == {f"{name}_cut": "truncated_video" for name in clips}
+    assert sorted(s["__key__"] for s in read_samples(str(out))) == sorted(clips)
+
+
 # ------------------------------------------------------------------ errors that stop the run
 
 

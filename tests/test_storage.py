@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from urllib.parse import urlsplit
 
 import pytest
 
 from sharding import storage
+from tests.conftest import FaultyProxy
 
 
 def test_url_helpers():
@@ -76,57 +74,30 @@ def test_s3_missing_bucket_is_a_clear_error(s3_env):
         storage.check_s3_access(f"s3://{s3_env}-absent/prefix")
 
 
-class FlakyProxy:
-    """A TCP proxy in front of the S3 server whose first ``failures`` connections get an
-    HTTP 503 (what S3 answers when overloaded); later ones are piped through untouched."""
-
-    def __init__(self, upstream_port: int, failures: int):
-        self.upstream_port = upstream_port
-        self.failures_left = failures
-        self.failures_served = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            if self.failures_left > 0:
-                self.failures_left -= 1
-                self.failures_served += 1
-                client.recv(65536)
-                client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                client.close()
-                continue
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            for source, target in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, target), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, target: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                target.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, target):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_s3_transient_errors_are_retried(s3_env, s3_server, monkeypatch):
-    proxy = FlakyProxy(urlsplit(s3_server.endpoint).port, failures=2)
+    proxy = FaultyProxy(urlsplit(s3_server.endpoint).port, failures=2)
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
         storage.write_bytes(f"s3://{s3_env}/retried.bin", b"payload")
         assert proxy.failures_served == 2
         assert storage.read_bytes(f"s3://{s3_env}/retried.bin") == b"payload"
+    finally:
+        proxy.close()
+
+
+def test_a_failing_server_is_not_called_a_credentials_problem(s3_env, s3_server, monkeypatch):
+    storage.write_bytes(f"s3://{s3_env}/x.bin", b"payload")
+    proxy = FaultyProxy(urlsplit(s3_server.endpoint).port, failures=1000, status=500)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+        with pytest.raises(storage.StorageError) as raised:
+            storage.read_bytes(f"s3://{s3_env}/x.bin")
+        assert not isinstance(raised.value, storage.StorageAccessError)
+        message = str(raised.value)
+        assert "HTTP 500" in message and "server error" in message and "AWS_ACCESS_KEY_ID" not in message
+        with pytest.raises(storage.StorageError) as raised:
+            storage.check_s3_access(f"s3://{s3_env}/prefix")
+        assert not isinstance(raised.value, storage.StorageAccessError) and "denied" not in str(raised.value)
+        assert "server error (HTTP 500)" in str(raised.value)
     finally:
         proxy.close()

@@ -3,7 +3,9 @@
 Choices (``SemanticConfig.name`` -> timm model, width, input normalisation):
 
 - ``dinov2_vits14`` -> ``vit_small_patch14_dinov2``, 384, ImageNet mean/std;
-- ``clip_vitb16``   -> ``vit_base_patch16_clip_224``, 768, OpenAI CLIP mean/std;
+- ``clip_vitb16``   -> ``vit_base_patch16_clip_quickgelu_224``, 768, OpenAI CLIP mean/std. OpenAI's
+  CLIP was trained with QuickGELU (``x * sigmoid(1.702 x)``); timm's plain ``..._clip_224`` uses
+  GELU, which gives the OpenAI weights different features in every block;
 - ``vit_s16_sup``   -> ``vit_small_patch16_224``, 384, mean/std 0.5 (what timm's supervised
   ViT-S/16 weights, augreg in21k->in1k, were trained with).
 
@@ -38,7 +40,7 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "dinov2_vits14": Variant("vit_small_patch14_dinov2", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    "clip_vitb16": Variant("vit_base_patch16_clip_224", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "clip_vitb16": Variant("vit_base_patch16_clip_quickgelu_224", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
     "vit_s16_sup": Variant("vit_small_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 # the debug size keeps patch size, token layout and normalisation; only width and depth shrink
