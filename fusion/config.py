@@ -193,11 +193,12 @@ def _section_names(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if _is_config(hints[f.name])}
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` on top, nested dicts merged key by key."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -234,7 +235,7 @@ def load(
     if sections is not None:
         data = {k: v for k, v in data.items() if k in sections}
     overrides, rest = parse_overrides(cls, list(argv or []))
-    return from_dict(cls, _merge(data, overrides)), rest
+    return from_dict(cls, merge_trees(data, overrides)), rest
 
 
 def render_help(cls: type, prefix: str = "") -> str:

@@ -118,6 +118,11 @@ class DataConfig:
     val: str = option("data/synthetic/shards/validation", "validation shards: folder or s3://bucket/prefix with manifest.json")
     num_workers: int = option(2, "loader worker processes per rank (0: read in the training process)")
     crop_size: int = option(224, "side of the square crops fed to the model, in pixels")
+    frames: int = option(
+        0,
+        "frames per clip the model sees, T, out of the T_s the shards hold: each of T equal segments of the stored "
+        "frames gives one, at random in training (TSN-style jitter), its middle in validation; 0: all T_s",
+    )
     min_crop_area: float = option(0.25, "training crops cover this fraction of the frame area or more")
     flip: bool = option(False, "flip half the training clips and swap their left/right labels")
     shuffle_window: int = option(256, "samples permuted together within a loader lane (memory: raw JPEG bytes)")
@@ -139,6 +144,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
         if self.crop_size < 8:
             raise ConfigError(f"data.crop_size: must be >= 8 pixels, got {self.crop_size}")
+        if self.frames < 0:
+            raise ConfigError(f"data.frames: must be >= 0 (0: every stored frame), got {self.frames}")
         if not 0.0 < self.min_crop_area <= 1.0:
             raise ConfigError(f"data.min_crop_area: must be in (0, 1], got {self.min_crop_area}")
         if self.shuffle_window < 1:
@@ -481,7 +488,7 @@ class _HashingReader:
 
     def finish(self) -> str:
         """Read what is left (the tar's end blocks) and return the hex digest of it all."""
-        while data := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
         return self.sha.hexdigest()
 
@@ -570,6 +577,82 @@ def _counted(samples: Iterator[dict[str, Any]], counter: Counter) -> Iterator[di
     for sample in samples:
         counter["samples"] += 1
         yield sample
+
+
+# ----------------------------------------------------------------------------- which frames, which crops
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Which of a clip's stored frames and which crops a loader takes.
+
+    The shards hold ``stored`` frames per clip (the middles of ``stored`` equal segments of
+    the video); the model sees ``frames`` of them, one from each of ``frames`` equal runs of
+    stored frames: a random one in training (TSN's segment sampling, a cheap temporal
+    augmentation), and in evaluation view ``v`` of ``temporal_views`` takes the ``v``-th of
+    ``temporal_views`` evenly spaced ones (one view: the middle). ``spatial_crops`` squares of
+    the short side are cut along the long side (1: the centre; 3: left/top, centre,
+    right/bottom: SSv2's usual 2x3 views with two temporal views).
+    """
+
+    stored: int
+    frames: int
+    temporal_views: int = 1
+    spatial_crops: int = 1
+
+    @classmethod
+    def of(cls, cfg: DataConfig, shardset: ShardSet, temporal_views: int = 1, spatial_crops: int = 1) -> "Sampling":
+        """The sampling of ``cfg`` on ``shardset``; a ConfigError when the shards cannot serve it."""
+        return cls.for_stored(cfg, shardset.frames, shardset.url, temporal_views, spatial_crops)
+
+    @classmethod
+    def for_stored(cls, cfg: DataConfig, stored: int, where: str, temporal_views: int = 1, spatial_crops: int = 1) -> "Sampling":
+        """The sampling of ``cfg`` on clips of ``stored`` frames (``where`` names them in errors)."""
+        frames = cfg.frames or stored
+        if frames > stored:
+            raise ConfigError(f"data.frames is {frames} but {where} holds {stored} frames a clip: set data.frames "
+                              f"{stored} or less, or re-shard with make_shards --frames {frames} (or more)")
+        if spatial_crops not in (1, 3):
+            raise ConfigError(f"spatial crops: 1 (centre) or 3 (along the long side), got {spatial_crops}")
+        shortest = min(hi - lo for lo, hi in segment_bounds(stored, frames))
+        if not 1 <= temporal_views <= shortest:
+            raise ConfigError(
+                f"{temporal_views} temporal views of {frames} frames need at least {temporal_views * frames} stored frames a "
+                f"clip; {where} holds {stored}: re-shard with make_shards --frames {temporal_views * frames}, or ask "
+                f"for {max(1, shortest)} temporal view(s)"
+            )
+        return cls(stored, frames, temporal_views, spatial_crops)
+
+    @property
+    def views(self) -> int:
+        return self.temporal_views * self.spatial_crops
+
+
+def segment_bounds(stored: int, frames: int) -> list[tuple[int, int]]:
+    """``frames`` runs of stored frame indices ``[lo, hi)``, as equal as integers allow."""
+    return [(i * stored // frames, (i + 1) * stored // frames) for i in range(frames)]
+
+
+def train_frame_indices(stored: int, frames: int, rng: random.Random) -> list[int]:
+    """One stored frame at random from each segment (TSN)."""
+    return [rng.randrange(lo, hi) for lo, hi in segment_bounds(stored, frames)]
+
+
+def view_frame_indices(stored: int, frames: int, view: int = 0, views: int = 1) -> list[int]:
+    """Temporal view ``view`` of ``views``: the ``view``-th of ``views`` evenly spaced frames of
+    each segment (``views=1``: its middle)."""
+    return [lo + (2 * view + 1) * (hi - lo) // (2 * views) for lo, hi in segment_bounds(stored, frames)]
+
+
+def spatial_boxes(height: int, width: int, crops: int) -> list[tuple[int, int, int, int]]:
+    """``(top, left, h, w)`` of ``crops`` squares of side ``min(height, width)``: the centre one,
+    or (``crops=3``) the first, centre and last along the long side."""
+    side = min(height, width)
+    if crops == 1:
+        return [center_box(height, width)]
+    if width >= height:
+        return [((height - side) // 2, left, side, side) for left in (0, (width - side) // 2, width - side)]
+    return [(top, (width - side) // 2, side, side) for top in (0, (height - side) // 2, height - side)]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -675,40 +758,66 @@ def _cut(frames: torch.Tensor, view: ClipView, size: int) -> torch.Tensor:
     return clip  # channels-last; the batch stack makes it contiguous in one copy
 
 
-def decode_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool,
-                limits: FrameLimits = FrameLimits(MAX_FRAME_SIDE, MAX_FRAME_SIDE)) -> tuple[torch.Tensor, int]:
-    """One sample -> (uint8 ``[T, 3, S, S]``, label). Raises :class:`CorruptSample`, also for
-    frames beyond ``limits`` (checked from the headers before anything is allocated)."""
+def decode_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng: random.Random | None, require_label: bool,
+                limits: FrameLimits = FrameLimits(MAX_FRAME_SIDE, MAX_FRAME_SIDE), multi_view: bool = False) -> tuple[torch.Tensor, int]:
+    """One sample -> (uint8 ``[T, 3, S, S]``, label); with ``multi_view``, uint8
+    ``[V, T, 3, S, S]``, the views temporal-major. ``rng`` given: training (random frame per
+    segment, random resized crop, maybe the flip); None: the views of ``sampling``.
+
+    Raises :class:`CorruptSample`, also for frames beyond ``limits`` (every stored frame's
+    header is checked before anything is allocated, whichever frames are then decoded).
+    """
     label = _label(sample, require_label)
-    names = _frame_names(sample, frames)
+    names = _frame_names(sample, sampling.stored)
     height, width = _frame_size(sample, names, limits)
+    if rng is not None:
+        picks = [train_frame_indices(sampling.stored, sampling.frames, rng)]
+    else:
+        picks = [view_frame_indices(sampling.stored, sampling.frames, v, sampling.temporal_views) for v in range(sampling.temporal_views)]
+    needed = sorted({index for pick in picks for index in pick})
+    row = {index: position for position, index in enumerate(needed)}
     try:
-        pixels = np.empty((frames, height, width, 3), np.uint8)
-        for index, name in enumerate(names):  # decode in place: no per-frame arrays to stack
-            frame = simplejpeg.decode_jpeg(sample[name], colorspace="RGB", buffer=pixels[index])
+        pixels = np.empty((len(needed), height, width, 3), np.uint8)
+        for position, index in enumerate(needed):  # decode in place: no per-frame arrays to stack
+            frame = simplejpeg.decode_jpeg(sample[names[index]], colorspace="RGB", buffer=pixels[position])
             if frame.shape != (height, width, 3):
-                raise ValueError(f"frame {name} is {frame.shape[1]}x{frame.shape[0]}, frame 000 {width}x{height}")
+                raise ValueError(f"frame {names[index]} is {frame.shape[1]}x{frame.shape[0]}, frame 000 {width}x{height}")
     except ValueError as error:  # simplejpeg is strict: truncated or garbled data raises too
         raise CorruptSample(f"JPEG frames do not decode: {error}") from None
     except MemoryError:
         raise CorruptSample(f"JPEG frames of {width}x{height} do not fit in memory") from None
-    video = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (T, 3, H, W), channels-last memory
-    view = _choose_view(cfg, video.shape[-2], video.shape[-1], rng)
-    if view.flip:
-        label = flip_label(label) if label >= 0 else label
-    return _cut(video, view, cfg.crop_size), label
+    video = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (N, 3, H, W), channels-last memory
+    if rng is not None:
+        view = _choose_view(cfg, height, width, rng)
+        if view.flip:
+            label = flip_label(label) if label >= 0 else label
+        return _cut(_take(video, picks[0], row), view, cfg.crop_size), label
+    boxes = spatial_boxes(height, width, sampling.spatial_crops)
+    clips = [_cut(_take(video, pick, row), ClipView(box, False), cfg.crop_size) for pick in picks for box in boxes]
+    return (torch.stack(clips) if multi_view else clips[0]), label
 
 
-def _jpeg_bytes_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: random.Random | None, require_label: bool,
+def _take(video: torch.Tensor, indices: list[int], row: dict[int, int]) -> torch.Tensor:
+    """The decoded frames of stored ``indices`` (a view when they are all of them, in order)."""
+    rows = [row[index] for index in indices]
+    return video if rows == list(range(len(video))) else video[rows]
+
+
+def _jpeg_bytes_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng: random.Random | None, require_label: bool,
                      limits: FrameLimits = FrameLimits(MAX_FRAME_SIDE, MAX_FRAME_SIDE)) -> tuple[dict[str, Any], int]:
-    """For ``decode: gpu``: check the headers only (also against ``limits``) and pass the bytes on."""
+    """For ``decode: gpu``: check the headers only (also against ``limits``), choose the frames
+    and the crop, and pass the chosen frames' bytes on (one view)."""
     label = _label(sample, require_label)
-    names = _frame_names(sample, frames)
+    names = _frame_names(sample, sampling.stored)
     height, width = _frame_size(sample, names, limits)
+    if rng is not None:
+        pick = train_frame_indices(sampling.stored, sampling.frames, rng)
+    else:
+        pick = view_frame_indices(sampling.stored, sampling.frames)
     view = _choose_view(cfg, height, width, rng)
     if view.flip:
         label = flip_label(label) if label >= 0 else label
-    jpegs = [torch.frombuffer(bytearray(sample[name]), dtype=torch.uint8) for name in names]
+    jpegs = [torch.frombuffer(bytearray(sample[names[index]]), dtype=torch.uint8) for index in pick]
     return dict(jpegs=jpegs, view=view), label
 
 
@@ -718,9 +827,10 @@ def _jpeg_bytes_clip(sample: dict[str, Any], frames: int, cfg: DataConfig, rng: 
 class _LaneDataset(torch.utils.data.IterableDataset):
     """Yields whole batches (the DataLoader runs with ``batch_size=None``)."""
 
-    def __init__(self, shardset: ShardSet, cfg: DataConfig, plans: list[LanePlan], *, batch_size: int, skip_batches: int,
-                 seed_text: str | None, crop_seed_text: str | None, fill: bool, require_label: bool, announce: bool = True) -> None:
-        self.shardset, self.cfg, self.plans = shardset, cfg, plans
+    def __init__(self, shardset: ShardSet, cfg: DataConfig, plans: list[LanePlan], *, sampling: Sampling, batch_size: int,
+                 skip_batches: int, seed_text: str | None, crop_seed_text: str | None, fill: bool, require_label: bool,
+                 announce: bool = True) -> None:
+        self.shardset, self.cfg, self.plans, self.sampling = shardset, cfg, plans, sampling
         self.announce = announce  # print waits for storage at once (rank 0; the others report with their batches)
         self.batch_size, self.skip_batches = batch_size, skip_batches
         self.seed_text, self.crop_seed_text = seed_text, crop_seed_text
@@ -783,9 +893,12 @@ class _LaneDataset(torch.utils.data.IterableDataset):
     def _decode(self, sample: dict[str, Any], events: DataEvents) -> Any:
         key = sample["__key__"]
         rng = random.Random(f"{self.crop_seed_text}:{key}") if self.crop_seed_text is not None else None
-        decode = _jpeg_bytes_clip if self.cfg.decode == "gpu" else decode_clip
         try:
-            clip, label = decode(sample, self.shardset.frames, self.cfg, rng, self.require_label, self.shardset.limits)
+            if self.cfg.decode == "gpu":
+                clip, label = _jpeg_bytes_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits)
+            else:
+                clip, label = decode_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits,
+                                          multi_view=self.sampling.views > 1)
         except CorruptSample as error:
             events.count("corrupt_samples")
             events.warn(f"skipping sample {key} of {sample.get('__url__')}: {error}")
@@ -806,7 +919,8 @@ class _LaneDataset(torch.utils.data.IterableDataset):
             batch["clips"] = torch.stack([clip for clip, _, _ in chosen])
         else:
             size = self.cfg.crop_size
-            batch["clips"] = torch.empty((0, self.shardset.frames, 3, size, size), dtype=torch.uint8)
+            views = (self.sampling.views,) if self.sampling.views > 1 else ()
+            batch["clips"] = torch.empty((0, *views, self.sampling.frames, 3, size, size), dtype=torch.uint8)
         return batch
 
 
@@ -863,7 +977,7 @@ class Loader:
     def _decode_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         encoded = batch.pop("encoded")
         device = self.device or torch.device("cuda")
-        size, steps = self.cfg.crop_size, self.dataset.shardset.frames
+        size, steps = self.cfg.crop_size, self.dataset.sampling.frames
         if not encoded:  # a short validation lane's empty last batch
             batch["clips"] = torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device)
             return batch
@@ -922,8 +1036,9 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
 
 def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
                  skip_batches: int = 0, device: str | torch.device | None = None) -> Loader:
-    """Training batches of ``rank`` for ``epoch``: shuffled, random-resized-cropped, every
-    rank the same number; ``skip_batches=k`` resumes at batch ``k`` of the epoch exactly.
+    """Training batches of ``rank`` for ``epoch``: shuffled, random-resized-cropped, a random
+    frame from each of ``data.frames`` segments, every rank the same number;
+    ``skip_batches=k`` resumes at batch ``k`` of the epoch exactly.
 
     ``len()`` is the number of batches still to come (``batches_per_rank(...) - k``).
     ``device`` is where ``decode: gpu`` decodes the batch (default ``cuda``; ``cpu`` runs the
@@ -933,13 +1048,14 @@ def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: 
     _check_rank(rank, world_size, batch_size)
     if cfg.flip:
         shardset.check_flip_labels()
+    sampling = Sampling.of(cfg, shardset)
     per_rank = batches_per_rank(shardset.num_samples, batch_size, world_size)
     if not 0 <= skip_batches <= per_rank:
         raise ValueError(f"skip_batches={skip_batches} is outside 0..{per_rank} (batches per rank this epoch)")
     lanes = max(1, cfg.num_workers)
     plans = train_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed, lanes=lanes)
     dataset = _LaneDataset(
-        shardset, cfg, plans, batch_size=batch_size, skip_batches=skip_batches,
+        shardset, cfg, plans, sampling=sampling, batch_size=batch_size, skip_batches=skip_batches,
         seed_text=f"order:{seed}:{epoch}:{rank}:{world_size}", crop_seed_text=f"crop:{seed}:{epoch}",
         fill=True, require_label=True, announce=rank == 0,
     )
@@ -947,15 +1063,20 @@ def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: 
 
 
 def val_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
-               device: str | torch.device | None = None) -> Loader:
-    """Validation batches of ``rank``: centre crops, manifest order, each clip on exactly one
-    rank once; batches may be short (or empty for a rank with no clips). Labels are -1 for
-    unlabelled (test split) clips."""
+               device: str | torch.device | None = None, temporal_views: int = 1, spatial_crops: int = 1) -> Loader:
+    """Validation batches of ``rank``: manifest order, each clip on exactly one rank once;
+    batches may be short (or empty for a rank with no clips). Labels are -1 for unlabelled
+    (test split) clips. One view (the segment middles, the centre square) gives clips
+    ``[B, T, 3, S, S]``; ``temporal_views`` x ``spatial_crops`` views (see :class:`Sampling`)
+    give ``[B, V, T, 3, S, S]``, temporal-major (``decode: cpu`` only)."""
     _check_rank(rank, world_size, batch_size)
+    sampling = Sampling.of(cfg, shardset, temporal_views, spatial_crops)
+    if sampling.views > 1 and cfg.decode == "gpu":
+        raise ConfigError("several views per clip are cut on the CPU: set data.decode cpu for multi-view evaluation")
     lanes = max(1, cfg.num_workers)
     plans = val_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, lanes=lanes)
     dataset = _LaneDataset(
-        shardset, cfg, plans, batch_size=batch_size, skip_batches=0,
+        shardset, cfg, plans, sampling=sampling, batch_size=batch_size, skip_batches=0,
         seed_text=None, crop_seed_text=None, fill=False, require_label=False, announce=rank == 0,
     )
     return Loader(dataset, cfg, sum(len(plan.batch_ids) for plan in plans), device)

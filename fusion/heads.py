@@ -211,15 +211,19 @@ class FusionHead(nn.Module):
         self, semantic: Tensor, motion: Tensor, return_attention: bool = False
     ) -> Tensor | tuple[Tensor, Attention]:
         """``semantic`` [B, T, Ds], ``motion`` [B, T', Dm] -> logits [B, num_classes]."""
+        pooled, attention = self.forward_features(semantic, motion, return_attention)
+        logits = self.classifier(pooled)
+        return (logits, attention) if return_attention else logits
+
+    def forward_features(self, semantic: Tensor, motion: Tensor, return_attention: bool = False) -> tuple[Tensor, Attention]:
+        """The fused clip feature the classifier reads, [B, streams * dim], and the attention
+        weights (empty lists unless ``return_attention``)."""
         # Features arrive in fp32 from the frozen backbones; the head may run in bf16 (DeepSpeed).
         dtype = self.classifier[-1].weight.dtype
         semantic, motion = semantic.to(dtype), motion.to(dtype)
         if self.fusion == "xattn":
-            pooled, attention = self._cross(semantic, motion, return_attention)
-        else:
-            pooled, attention = self._single(self._sequence(semantic, motion), return_attention)
-        logits = self.classifier(pooled)
-        return (logits, attention) if return_attention else logits
+            return self._cross(semantic, motion, return_attention)
+        return self._single(self._sequence(semantic, motion), return_attention)
 
     def _cross(self, semantic: Tensor, motion: Tensor, need_weights: bool) -> tuple[Tensor, Attention]:
         s, m = self.semantic_proj(semantic), self.motion_proj(motion)  # (B, T, dim), (B, T', dim)

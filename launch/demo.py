@@ -6,7 +6,9 @@
    ``sharding/make_shards.py`` (exactly what a user runs on real SSv2);
 3. train the debug-size fusion model on them with ``launch/train.py --deepspeed ds.json``
    (DeepSpeed on CPU when there is no GPU), validating every epoch;
-4. print where the results are.
+4. evaluate it with ``launch/evaluate.py`` (SSv2's 2 temporal x 3 spatial views, attention
+   pictures of the most confidently right and wrong clips);
+5. print where the results and pictures are.
 
 Every step is resumable: a rerun reuses the generated videos and the complete shards.
 Extra arguments are passed to ``launch/train.py`` (e.g. ``make demo ARGS="--train.epochs 2"``).
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     out = REPO / args.out
+    evaluation = out / "evaluation"
+    run([py, "launch/evaluate.py", "--checkpoint", args.out, "--data.val", str(shards / "validation"), "--out", str(evaluation),
+         "--temporal-views", "2", "--spatial-crops", "3", "--attention", "4"])
     metrics = out / "metrics.jsonl"
     last_val = None
     if metrics.is_file():
@@ -70,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metrics:     {metrics}")
     print(f"tensorboard: tensorboard --logdir {out}")
     print(f"checkpoints: {out / 'checkpoints'}")
+    print(f"curves:      {out / 'curves.png'}")
+    print(f"evaluation:  {evaluation / 'report.json'} (2x3 views), pictures: {evaluation}/*.png, {evaluation / 'attention'}/")
     return 0
 
 

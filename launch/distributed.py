@@ -144,6 +144,16 @@ def any_rank(flag: bool) -> bool:
     return vote.item() > 0
 
 
+def gather_on_main(value: Any) -> list[Any] | None:
+    """Every rank's ``value``, in rank order, on rank 0 (None elsewhere); pickled over the CPU
+    control group (a collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0, group=_control_group)
+    return gathered
+
+
 def sum_on_host(values: list[float]) -> list[float]:
     """``values`` summed over ranks on the CPU control group (a collective)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

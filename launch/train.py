@@ -50,7 +50,7 @@ from tqdm import tqdm
 from launch import distributed  # first: sets DeepSpeed's environment before anything imports it
 from fusion.backbones.weights import WeightsError
 from fusion.config import ConfigError, load, option, render_help, to_dict
-from fusion.data import ERROR_KEYS, DataConfig, Loader, ShardSet, batches_per_rank, train_loader, val_loader
+from fusion.data import ERROR_KEYS, DataConfig, Loader, Sampling, ShardSet, batches_per_rank, train_loader, val_loader
 from fusion.model import FusionClassifier, ModelConfig, build_model, format_report, parameter_report
 from launch.distributed import BatchPlan, Ranks
 from sharding import storage
@@ -163,8 +163,13 @@ def open_data(cfg: RunConfig) -> tuple[ShardSet, ShardSet]:
             )
     if cfg.data.flip:
         train_set.check_flip_labels()
-    if train_set.frames != val_set.frames:
-        raise ConfigError(f"data.train has {train_set.frames} frames per clip, data.val {val_set.frames}: shard both with the same --frames")
+    train_sampling, val_sampling = Sampling.of(cfg.data, train_set), Sampling.of(cfg.data, val_set)
+    if train_sampling.frames != val_sampling.frames:
+        raise ConfigError(f"data.train holds {train_set.frames} frames per clip, data.val {val_set.frames}, and data.frames is 0 "
+                          "(all of them): set data.frames to the frames the model sees, or shard both with the same --frames")
+    if val_set.manifest.get("num_rejected") and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {val_set.url} lacks {val_set.manifest['num_rejected']} clip(s) of its split that could not be packed "
+              "(its rejects.jsonl): validation figures are not comparable with published ones", file=sys.stderr)
     return train_set, val_set
 
 
@@ -409,9 +414,14 @@ def record_data_errors(run: Run, group: str, epoch: int, loader: Loader) -> None
         run.log(f"{group} epoch {epoch}: " + ", ".join(f"{int(v)} {k.replace('_', ' ')}" for k, v in errors.items() if v))
 
 
+def shard_info(shards: ShardSet) -> dict[str, Any]:
+    """What the evaluation tools need to read clips as training did (kept with the weights)."""
+    return {key: shards.manifest.get(key) for key in ("frames", "short_side", "jpeg_quality", "templates")}
+
+
 def checkpoint(run: Run, position: Position) -> None:
     state = {"position": dataclasses.asdict(position), "layout": run.layout(), "config": to_dict(run.cfg),
-             "ds_config": run.ds_config, "last_validated": run.last_validated}
+             "shards": shard_info(run.train_set), "ds_config": run.ds_config, "last_validated": run.last_validated}
     tag = distributed.save_checkpoint(run.engine, run.out, run.step, state, keep=run.cfg.train.keep_checkpoints, is_main=run.ranks.is_main)
     run.last_saved = run.step
     run.log(f"checkpoint {run.out / distributed.CHECKPOINTS / tag} (epoch {position.epoch}, batch {position.batch})")
@@ -594,7 +604,8 @@ def export_head(run: Run) -> Path:
     if run.ranks.is_main:
         staging = path.with_name(".head.pt.partial")
         try:
-            torch.save({"model": to_dict(run.cfg.model), "head": state, "step": run.step}, staging)
+            torch.save({"model": to_dict(run.cfg.model), "config": to_dict(run.cfg), "shards": shard_info(run.train_set),
+                        "head": state, "step": run.step}, staging)
             os.replace(staging, path)
         except Exception as error:
             staging.unlink(missing_ok=True)
@@ -639,6 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fit(run, position)
         export_head(run)
+        if run.ranks.is_main:
+            from launch.plot import plot_curves
+
+            run.log(f"training curves: {plot_curves(run.out / 'metrics.jsonl', run.out / 'curves.png')}")
     except DataStop as error:
         print(f"launch/train.py: stopped: {error}", file=sys.stderr)
         return 3

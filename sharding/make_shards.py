@@ -146,7 +146,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", help="folder of the label files, either naming (default: the first of ROOT/labels, "
                         "ROOT/annotations, ROOT that holds them)")
     parser.add_argument("--videos", help="video folder (default: ROOT/20bn-something-something-v2)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip, T (default 16)")
+    parser.add_argument("--frames", type=int, default=32,
+                        help="frames stored per clip, T_s (default 32: the model's 16 are drawn from them, one per pair, "
+                             "at random in training and as 2 temporal views in evaluation; see data.frames)")
     parser.add_argument("--short-side", type=int, default=240, help="resize the short side to this (default 240)")
     parser.add_argument("--upscale", action="store_true", help="also enlarge clips smaller than --short-side")
     parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")

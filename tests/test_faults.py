@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
 import pytest
 import simplejpeg
 import torch
@@ -31,7 +30,7 @@ from fusion.data import DataConfig, ShardSet, train_loader, val_loader
 from fusion.model import ModelConfig, build_model
 from launch import distributed
 from tests.conftest import FaultyProxy, fill_up, small_filesystem
-from tests.test_data import FRAMES, HEIGHT, WIDTH, _frame, write_shards
+from tests.test_data import _frame, write_shards
 from tests.test_train import REPO, RUN_TIMEOUT_S, SMALL, metrics, run_env, small_ds_json, torchrun, upload
 
 OUTAGE_S = 30

@@ -28,6 +28,7 @@ from tests.conftest import SYNTHETIC_SHARD_SIZE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = "20bn-something-something-v2"
+STORED = 32  # make_shards' default --frames
 
 
 # ------------------------------------------------------------------ helpers
@@ -111,20 +112,20 @@ def test_every_clip_once_with_frames_and_labels(synthetic_root, synthetic_shards
     for sample in samples:
         entry = by_id[sample["__key__"]]
         assert int(sample["cls"]) == labels[template_key(entry["template"])]
-        frames = [simplejpeg.decode_jpeg(sample[f"{i:03d}.jpg"]) for i in range(16)]
-        assert "016.jpg" not in sample
+        frames = [simplejpeg.decode_jpeg(sample[f"{i:03d}.jpg"]) for i in range(STORED)]  # the default --frames
+        assert f"{STORED:03d}.jpg" not in sample
         info = json.loads(sample["json"])
         assert all(frame.shape == (info["height"], info["width"], 3) for frame in frames)
         assert min(info["width"], info["height"]) == 240  # the synthetic clips are 240 high
         assert info["id"] == entry["id"] and info["template"] == entry["template"]
         assert info["label"] == entry["label"] and info["placeholders"] == entry["placeholders"]
-        assert info["frame_indices"] == segment_middles(info["source_frames"], 16)
-        assert info["repeated_frames"] == (info["source_frames"] < 16)
+        assert info["frame_indices"] == segment_middles(info["source_frames"], STORED)
+        assert info["repeated_frames"] == (info["source_frames"] < STORED)
         assert info["fps"] == pytest.approx(12)
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "ssv2-frames/1" and manifest["split"] == split
-    assert manifest["frames"] == 16 and manifest["short_side"] == 240 and manifest["jpeg_quality"] == 90
+    assert manifest["frames"] == STORED and manifest["short_side"] == 240 and manifest["jpeg_quality"] == 90
     assert manifest["num_samples"] == len(entries) and manifest["num_rejected"] == 0
     assert len(manifest["templates"]) == 174
     assert all(manifest["templates"][i] == t for t, i in labels.items())
