@@ -136,7 +136,11 @@ def plot_per_class(per_class: dict[int, dict[str, Any]], templates: Sequence[str
     else:
         figure, axis = plt.subplots(figsize=(16, 5), constrained_layout=True)
         axis.bar(np.arange(len(rows)), [a for a, _ in rows], width=1.0, color="tab:blue")
-        axis.set(ylim=(0, 1), xlabel=f"{len(rows)} classes, sorted", ylabel="top-1 accuracy")
+        axis.set(ylim=(0, 1.1), xlabel=f"{len(rows)} classes, sorted", ylabel="top-1 accuracy")
+        # too many classes to name on the axis: the hardest ones in a box
+        worst = "\n".join(f"{accuracy:.2f}  {label}: {_short(templates[label], 56)}" for accuracy, label in rows[-8:][::-1])
+        axis.text(0.01, 0.04, "hardest classes:\n" + worst, transform=axis.transAxes, fontsize=8, va="bottom", family="monospace",
+                  bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "grey"})
     axis.set_title(title)
     axis.grid(alpha=0.3, axis="x" if named else "y")
     figure.savefig(out, dpi=110)

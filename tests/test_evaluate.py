@@ -274,3 +274,18 @@ def test_evaluate_errors_are_clear(tmp_path, synthetic_shards):
     (tmp_path / "run").mkdir()
     result = evaluate("--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "holds neither head.pt nor checkpoints/latest" in result.stderr
+
+
+def test_training_warns_when_the_validation_split_has_rejects(synthetic_shards, tmp_path, capsys):
+    from fusion.config import load
+    from launch.train import RunConfig, open_data
+
+    val = tmp_path / "validation"
+    shutil.copytree(synthetic_shards / "validation", val)
+    manifest = json.loads((val / "manifest.json").read_text())
+    manifest["num_rejected"] = 2
+    (val / "manifest.json").write_text(json.dumps(manifest))
+    cfg, _ = load(RunConfig, REPO / "launch" / "configs" / "debug.yaml", ["--data.train", str(synthetic_shards / "train"),
+                                                                          "--data.val", str(val)])
+    open_data(cfg)
+    assert f"{val} lacks 2 clip(s) of its split" in capsys.readouterr().err
