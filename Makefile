@@ -11,7 +11,7 @@ SHM_OP := $(VENV)/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test bench clean-data
+.PHONY: venv slurm demo test bench clean-data
 
 venv: $(STAMP) $(SHM_OP)
 
@@ -34,7 +34,18 @@ $(SHM_OP): $(STAMP)
 demo: venv
 	$(PY) -m launch.demo $(ARGS)
 
-test: venv
+# Debian's Slurm and munge for the tests that run slurm/train.sbatch on a loopback cluster.
+# Installing needs root and Debian's package registry; without them those tests skip, saying why.
+slurm:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing slurm-wlm and munge (Debian) for the Slurm tests"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge >/dev/null 2>&1; } || \
+	  echo "make: could not install slurm-wlm and munge: the Slurm tests will be skipped"; \
+	else echo "make: slurm-wlm and munge need root and apt-get to install: the Slurm tests will be skipped"; fi
+
+test: venv slurm
 	$(PY) -m pytest $(ARGS)
 
 bench: venv

@@ -72,8 +72,10 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import random
 import re
+import signal
 import sys
 import tarfile
 import time
@@ -962,6 +964,8 @@ class Loader:
             pin_memory=torch.cuda.is_available() and self.cfg.decode == "cpu",
             prefetch_factor=self.cfg.prefetch_batches if workers else None,
             in_order=True,
+            worker_init_fn=functools.partial(_init_worker, dict(os.environ)),
+            multiprocessing_context=_worker_context() if workers else None,
         )
         for batch in loader:
             self.stats.update(batch.pop("errors"))
@@ -1004,6 +1008,56 @@ class Loader:
         batch["labels"] = batch["labels"][keep]
         batch["clips"] = torch.stack(clips) if clips else torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device)
         return batch
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_context() -> Any:
+    """Loader workers are forked from a forkserver, not from the training process.
+
+    The training process has threads (gloo, TensorBoard's writer, tqdm, the feeder threads of
+    the previous epoch's loader, still closing), and CPython 3.11 can deadlock a child forked
+    while another thread is being created or torn down (seen here: a validation worker stuck in
+    ``PyOS_AfterFork_Child`` after the training loader was stopped, once in ~10 runs of the
+    Slurm preemption test). The forkserver is started once, single-threaded, with what the
+    workers need preloaded, so a worker still starts in milliseconds; Python 3.14 made it the
+    default for the same reason.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver, resource_tracker
+
+    context = multiprocessing.get_context("forkserver")
+    # the server imports, once, what every worker needs: the main module (else each worker runs
+    # it again), this module and torchvision's transforms (imported lazily here, ~1.5 s)
+    context.set_forkserver_preload(["__main__", "fusion.data", "torchvision.transforms.v2.functional"])
+    # A scheduler signals every process of a job, the server too: started with SIGTERM and
+    # SIGUSR1 blocked (a signal mask survives fork and exec), it and the workers it forks never
+    # take them, and the training process, which does, decides. Blocked, not ignored, here:
+    # a signal arriving meanwhile is delivered when the mask is restored.
+    # The same for multiprocessing's resource tracker (it ignores SIGTERM itself but would die
+    # of SIGUSR1, and a new one would not know the semaphores to clean up); starting it
+    # unblocks SIGTERM again, hence the second block before the server starts.
+    job_signals = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, job_signals)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, job_signals)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return context
+
+
+def _init_worker(environment: dict[str, str], worker_id: int) -> None:
+    """A loader worker takes the training process's environment as it is now (a forkserver
+    child would otherwise see the one the server started with: credentials exported since, for
+    one), and ignores SIGTERM and SIGUSR1. A scheduler signals every process of a job (Slurm
+    does, before preempting it), and torch's workers die on a SIGTERM that does not come from
+    their parent; the training process instead finishes its step and checkpoints, then stops
+    its workers the usual way (they also leave when it is gone)."""
+    os.environ.clear()
+    os.environ.update(environment)
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _decode_jpegs_on_cpu(clip: dict[str, Any], size: int) -> torch.Tensor:

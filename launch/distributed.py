@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -26,9 +27,10 @@ import math
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -113,15 +115,41 @@ def set_cpu_threads(local_world_size: int) -> int:
     return threads
 
 
+@contextlib.contextmanager
+def quiet_unless(speak: bool) -> Iterator[None]:
+    """Send this process's stdout and stderr, C level included, to /dev/null unless ``speak``:
+    what DeepSpeed and torch print while building ops is the same on every rank, so one rank
+    says it. An exception still reaches the terminal: the streams are back before it is shown."""
+    if speak:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
 def init_distributed(local_rank_arg: int | None) -> Ranks:
     """Join the process group (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
     rank, world_size, local_rank, local_world_size = rendezvous_environment(local_rank_arg)
     set_cpu_threads(local_world_size)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    with quiet_unless(rank == 0):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(verbose=False)
+        deepspeed.init_distributed(verbose=False)
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         device = torch.device("cpu")
@@ -370,10 +398,11 @@ def wrap_head(head: torch.nn.Module, ds_config: dict[str, Any], log: Callable[[s
     scheduler = None if schedule is None else (lambda optimizer: warmup_cosine_scheduler(optimizer, **schedule))
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=head, model_parameters=[{k: v for k, v in g.items() if k != "names"} for g in groups],
-        config=config, lr_scheduler=scheduler,
-    )
+    with quiet_unless(not dist.is_initialized() or dist.get_rank() == 0):
+        engine, _, _, _ = deepspeed.initialize(
+            model=head, model_parameters=[{k: v for k, v in g.items() if k != "names"} for g in groups],
+            config=config, lr_scheduler=scheduler,
+        )
     return engine
 
 

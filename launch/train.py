@@ -31,8 +31,11 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +51,7 @@ import yaml
 from tqdm import tqdm
 
 from launch import distributed  # first: sets DeepSpeed's environment before anything imports it
-from fusion.backbones.weights import WeightsError
+from fusion.backbones.weights import RandomWeightsWarning, WeightsError
 from fusion.config import ConfigError, load, option, render_help, to_dict
 from fusion.data import ERROR_KEYS, DataConfig, Loader, Sampling, ShardSet, batches_per_rank, train_loader, val_loader
 from fusion.model import FusionClassifier, ModelConfig, build_model, format_report, parameter_report
@@ -71,6 +74,12 @@ class TrainConfig:
     log_every: int = option(20, "optimizer steps between rows of metrics.jsonl / TensorBoard")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy loss")
     val_batch_size: int = option(0, "clips per rank per validation batch (0: ds.json's micro batch)")
+    record_samples: bool = option(
+        False, "write the clip ids of every micro-batch to OUT/samples/rank-R.jsonl (to audit the data order; resumes keep it exact)"
+    )
+    requeue_on_usr1: bool = option(
+        True, "under Slurm, after the checkpoint SIGUSR1 (the time-limit warning) asks for, rank 0 requeues the job (scontrol requeue)"
+    )
     deterministic: bool = option(
         False,
         "deterministic GPU kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG), so that a resumed "
@@ -310,6 +319,8 @@ class Run:
     out: Path
     ds_config: dict[str, Any]
     metrics: MetricsLog | None = None  # set once the resume step is known
+    samples: Any = dataclasses.field(default_factory=lambda: SampleLog(Path("."), 0, False, Position()))  # set in setup
+    stop: Any = dataclasses.field(default_factory=lambda: StopSignals())  # installed by main
     last_saved: int = -1
     last_validated: int = -1
 
@@ -441,6 +452,84 @@ def stop_for_data(run: Run, position: Position, reason: str) -> None:
                    f"checkpoint: {where}. Fix the cause, then rerun the same command with --resume")
 
 
+class Stopped(RuntimeError):
+    """Training stopped on a signal (SIGTERM: preemption; SIGUSR1: a time-limit warning) after
+    a checkpoint; ``signal`` is the signal's number."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.signal = signal_number
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 only raise a flag here; the loop reads it at its next micro-batch
+    (with every rank, see :func:`fit`), checkpoints and stops. Loader workers, forked from
+    this process, inherit the same harmless handler, so a signal sent to every process of a
+    job (as Slurm does) does not kill them before the checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.pending = False  # set on every rank once any rank has seen a signal
+
+    def install(self) -> "StopSignals":
+        for number in self.SIGNALS:
+            signal.signal(number, self._handle)
+        return self
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self.signal is None:
+            self.signal = number
+
+
+def stop_for_signal(run: Run, position: Position) -> None:
+    """Checkpoint where every rank stands (a collective) and raise :class:`Stopped`."""
+    if run.last_saved != run.step:
+        checkpoint(run, position)
+    # the ranks may have seen different signals (or one rank none): SIGUSR1 anywhere means the warning
+    warned = distributed.sum_on_host([float(run.stop.signal == signal.SIGUSR1)])[0] > 0
+    number = signal.SIGUSR1 if warned else signal.SIGTERM
+    name = signal.Signals(number).name
+    tag = distributed.latest_tag(run.out)
+    raise Stopped(f"{name} received: stopped at step {run.step} (epoch {position.epoch}, micro-batch {position.batch}) after "
+                  f"checkpoint {run.out / distributed.CHECKPOINTS / tag if tag else 'none'}; the same command with --resume "
+                  "continues", number)
+
+
+class SampleLog:
+    """``OUT/samples/rank-R.jsonl`` (``train.record_samples``): one row per micro-batch with its
+    epoch, batch index, step and clip ids; rows past a resumed checkpoint are dropped, as the
+    resumed run writes them again."""
+
+    def __init__(self, out: Path, rank: int, enabled: bool, position: Position) -> None:
+        self.file = None
+        if not enabled:
+            return
+        path = out / "samples" / f"rank-{rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # torn by a kill
+                if (row["epoch"], row["batch"]) < (position.epoch, position.batch):
+                    kept.append(line)
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def write(self, epoch: int, batch: int, step: int, keys: list[str]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"epoch": epoch, "batch": batch, "step": step, "keys": keys}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def check_data_budget(run: Run, loader: Loader, position: Position) -> None:
     """Stop the run once this epoch has replaced more clips than ``data.max_skipped_fraction``
     of it (a collective; called at the same steps on every rank)."""
@@ -482,14 +571,25 @@ def fit(run: Run, position: Position) -> None:
                         batch = next(batches)
                     except storage.StorageError as error:
                         failure = str(error)
-                if distributed.any_rank(failure is not None):
+                # one vote a micro-batch, on the CPU: did every rank get its batch, and has any
+                # been asked to stop (preemption)? So all ranks take the same turn.
+                failed, signalled = distributed.sum_on_host([float(failure is not None), float(run.stop.signal is not None)])
+                if failed:
                     del batches  # stop this epoch's loader workers
                     stop_for_data(run, Position(epoch, index - index % run.plan.accumulation),
                                   f"training data unreachable: {failure or 'storage failed on another rank'}")
+                if signalled and index % run.plan.accumulation == 0:
+                    del batches
+                    stop_for_signal(run, Position(epoch, index))
+                run.stop.pending = run.stop.pending or bool(signalled)
                 meter.add(*train_micro_batch(run, batch, step_seed(cfg.train.seed, ranks.rank, epoch, index)))
+                run.samples.write(epoch, index, run.step, batch["keys"])
                 index += 1
                 if index % run.plan.accumulation:
                     continue
+                if run.stop.pending:  # a signal mid-accumulation: this step is finished, stop here
+                    del batches
+                    stop_for_signal(run, Position(epoch, index))
                 bar.update(1)
                 position = Position(epoch, index)
                 if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
@@ -594,6 +694,7 @@ def setup(args: argparse.Namespace, cfg: RunConfig) -> tuple[Run, Position]:
               steps_per_epoch=per_epoch, total_steps=steps, out=args.out, ds_config=ds_config)
     position = restore(run) if args.resume else Position()
     run.metrics = MetricsLog(args.out, main_rank, run.step)
+    run.samples = SampleLog(args.out, rank, cfg.train.record_samples, position)
     return run, position
 
 
@@ -635,18 +736,54 @@ def route_warnings(rank: int) -> None:
         logger.propagate = False
 
 
+def quiet_other_ranks(rank: int) -> None:
+    """What every rank would say alike (random backbone weights), said by rank 0 only."""
+    if rank != 0:
+        warnings.filterwarnings("ignore", category=RandomWeightsWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecation notices
+        logging.getLogger("fusion.backbones").setLevel(logging.ERROR)
+
+
+def say_stopped(run: Run, error: Exception) -> None:
+    """Every rank says why it stopped (a launcher may stop the others before rank 0 speaks)."""
+    prefix = "" if run.ranks.is_main else f"[rank {run.ranks.rank}] "
+    print(f"{prefix}launch/train.py: stopped: {error}", file=sys.stderr, flush=True)
+
+
+def requeue_slurm_job(run: Run) -> None:
+    """``scontrol requeue`` this Slurm job (rank 0, after the checkpoint): it goes back to the
+    queue and, started again, resumes from that checkpoint."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not (job and run.ranks.is_main and run.cfg.train.requeue_on_usr1):
+        return
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        print(f"launch/train.py: could not requeue Slurm job {job}: {error}", file=sys.stderr)
+        return
+    said = (result.stdout + result.stderr).strip()
+    print(f"launch/train.py: Slurm job {job} requeued" if result.returncode == 0 else
+          f"launch/train.py: `scontrol requeue {job}` failed ({result.returncode}): {said}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done; 2 a config, input or storage problem found before training;
     3 stopped for its data (storage unreachable, data-loss budget) after a checkpoint:
-    ``--resume`` continues; 4 a checkpoint could not be written (the earlier ones are intact)."""
+    ``--resume`` continues; 4 a checkpoint could not be written (the earlier ones are intact);
+    128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1) stopped on a signal after a
+    checkpoint: ``--resume`` continues (under Slurm, after SIGUSR1, the job requeued itself)."""
     argv = sys.argv[1:] if argv is None else argv
+    stop = StopSignals().install()  # first: a preemption during set-up is honoured at the first step
+    rank = int(os.environ.get("RANK", "0"))
     try:
         args, cfg = parse_command_line(argv)
-        route_warnings(int(os.environ.get("RANK", "0")))
+        route_warnings(rank)
+        quiet_other_ranks(rank)
         run, position = setup(args, cfg)
     except (ConfigError, storage.StorageError, FileNotFoundError, ValueError, WeightsError) as error:
         print(f"launch/train.py: error: {error}", file=sys.stderr)
         return 2
+    run.stop = stop
     try:
         fit(run, position)
         export_head(run)
@@ -654,15 +791,21 @@ def main(argv: list[str] | None = None) -> int:
             from launch.plot import plot_curves
 
             run.log(f"training curves: {plot_curves(run.out / 'metrics.jsonl', run.out / 'curves.png')}")
+    except Stopped as error:
+        say_stopped(run, error)
+        if error.signal == signal.SIGUSR1:
+            requeue_slurm_job(run)
+        return 128 + error.signal
     except DataStop as error:
-        print(f"launch/train.py: stopped: {error}", file=sys.stderr)
+        say_stopped(run, error)
         return 3
     except distributed.CheckpointError as error:
         print(f"launch/train.py: error: {error}", file=sys.stderr)
         return 4
     finally:
-        if run.metrics is not None:
-            run.metrics.close()
+        for log in (run.metrics, run.samples):
+            if log is not None:
+                log.close()
         distributed.shutdown()
     return 0
 

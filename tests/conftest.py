@@ -371,3 +371,110 @@ def fill_up(folder: Path, leave_bytes: int) -> Path:
             file.write(b"\0" * chunk)
             remaining -= chunk
     return ballast
+
+
+# ----------------------------------------------------------------------------- a real Slurm
+
+
+@dataclass(frozen=True)
+class SlurmCluster:
+    """A Slurm controller and two slurmd ("n1", "n2") on loopback, sharing this host."""
+
+    conf: Path
+    logs: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(SLURM_CONF=str(self.conf), **extra)
+
+    def run(self, *command: str) -> str:
+        result = subprocess.run(command, env=self.env(), capture_output=True, text=True, timeout=60)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result.stdout
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Restarts, ...)."""
+        fields = {}
+        for token in self.run("scontrol", "show", "job", "-o", job_id).split():
+            key, _, value = token.partition("=")
+            fields[key] = value
+        return fields
+
+
+def _slurm_missing() -> str | None:
+    missing = [name for name in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol") if not shutil.which(name)]
+    if missing:
+        return (f"Slurm is not installed ({', '.join(missing)} missing): `make test` installs Debian's slurm-wlm and munge "
+                "when it runs as root")
+    if os.geteuid() != 0:
+        return "the loopback Slurm runs its daemons as root, and this is not root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """slurmctld + two slurmd emulating two nodes on this host (Debian's slurm-wlm 22.05),
+    with munge on a private socket; every daemon is stopped at the end of the session."""
+    reason = _slurm_missing()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("slurm")
+    for folder in ("munge", "state", "log", "spool/n1", "spool/n2"):
+        (root / folder).mkdir(parents=True)
+    (root / "munge").chmod(0o755)
+    subprocess.run(["mungekey", "--create", f"--keyfile={root / 'munge' / 'munge.key'}"], check=True, capture_output=True)
+    socket_path = root / "munge" / "munge.socket.2"
+    ctld_port, slurmd_port, n1_port, n2_port = _free_ports(4)
+    conf = root / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=loopback", "SlurmctldHost=localhost", f"SlurmctldPort={ctld_port}", f"SlurmdPort={slurmd_port}",
+        "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", f"AuthInfo=socket={socket_path}", "CredType=cred/munge",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none", "MpiDefault=none", "MailProg=/bin/true",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2", "KillWait=30", "MinJobAge=600",
+        f"StateSaveLocation={root / 'state'}", f"SlurmdSpoolDir={root / 'spool'}/%n",
+        f"SlurmctldPidFile={root / 'slurmctld.pid'}", f"SlurmdPidFile={root / 'slurmd'}-%n.pid",
+        f"SlurmctldLogFile={root / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={root / 'log'}/slurmd-%n.log",
+        # two slurmd on one host (Debian builds Slurm with MULTIPLE_SLURMD), each on its own port
+        f"NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n1_port} CPUs=2 RealMemory=8000",
+        f"NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={n2_port} CPUs=2 RealMemory=8000",
+        "PartitionName=debug Nodes=ALL Default=YES State=UP MaxTime=INFINITE", "",
+    ]))
+    cluster = SlurmCluster(conf=conf, logs=root / "log")
+    env = cluster.env()
+    daemons = []
+
+    def start(*command: str, log: str) -> None:
+        with open(root / "log" / log, "wb") as out:
+            daemons.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        start("munged", "--force", "--foreground", f"--socket={socket_path}", f"--key-file={root / 'munge' / 'munge.key'}",
+              f"--log-file={root / 'log' / 'munged.log'}", f"--pid-file={root / 'munge' / 'munged.pid'}",
+              f"--seed-file={root / 'munge' / 'munged.seed'}", log="munged.out")
+        _wait_for(lambda: socket_path.exists(), 10, "munged's socket", root)
+        start("slurmctld", "-D", "-i", log="slurmctld.out")
+        time.sleep(0.5)
+        for node in ("n1", "n2"):
+            start("slurmd", "-D", "-N", node, log=f"slurmd-{node}.out")
+        _wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T %D").split() == ["idle", "2"], 60, "two idle nodes", root)
+        yield cluster
+    finally:
+        subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True)
+        for process in reversed(daemons):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _wait_for(condition, timeout_s: float, what: str, root: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (RuntimeError, OSError):
+            pass
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in sorted((root / "log").glob("*")))
+    raise RuntimeError(f"the loopback Slurm did not come up ({what} missing after {timeout_s:.0f} s):\n{logs}")
