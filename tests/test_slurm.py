@@ -147,6 +147,17 @@ def test_sbatch_trains_one_world_over_two_nodes(slurm_cluster, synthetic_shards,
 
 
 @pytest.mark.slow
+def test_nproc_per_node_sets_the_ranks_of_every_node(slurm_cluster, synthetic_shards, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "slurm.out"
+    job = sbatch(slurm_cluster, log, *training_args(synthetic_shards, small_ds_json(tmp_path), out, epochs="1"),
+                 "--train.max_steps", "1", "--data.num_workers", "0", NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
+    wait_until(lambda: job_done(slurm_cluster, job), RUN_TIMEOUT_S, f"job {job} to end")
+    text = log.read_text(errors="replace")
+    assert slurm_cluster.job(job)["JobState"] == "COMPLETED", text[-3000:]
+    assert "2 node(s) [n1 n2], 2 rank(s) per node, world size 4" in text and "4 rank(s) on cpu" in text
+
+
+@pytest.mark.slow
 def test_a_preempted_job_comes_back_and_loses_nothing(slurm_cluster, reference, synthetic_shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "slurm.out"
     # one thread a rank, as torchrun gives the reference's two ranks on one node: the same sums
