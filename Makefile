@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SHM_OP := $(VENV)/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so
 # DeepSpeed JIT-builds its CPU ops once; keep them beside the venv so every later process
 # (tests, launchers, ranks) reuses the build instead of recompiling for ~70 s.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+SHM_OP := $(TORCH_EXTENSIONS_DIR)/deepspeed_shm_comm/deepspeed_shm_comm.so
 export HF_HUB_OFFLINE := 1
 
 .PHONY: venv slurm demo test bench clean-data
@@ -53,3 +53,18 @@ bench: venv
 
 clean-data:
 	rm -rf data runs
+
+# The wheels the GPU machine's image lacks, for the one-call GPU check (README: "GPU check";
+# python -m launch.gpu_check). Needs PyPI. Fills the git-ignored .whl/ with each package at this
+# venv's version, for CPython 3.12 on x86-64 Linux; deepspeed (an sdist) is built here as a pure
+# wheel. Then checks names, versions, tags, one version each and the 64 MiB a device call carries;
+# PY312=/path/to/python3.12 also installs them with the device's exact pip command and imports them.
+GPU_WHEEL_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+.PHONY: gpu-bundle
+gpu-bundle: venv
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(GPU_WHEEL_PLATFORMS) \
+	    -d .whl $$($(PY) -m launch.gpu_check --bundle-list downloads)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl $$($(PY) -m launch.gpu_check --bundle-list built)
+	$(PY) -m launch.gpu_check --check-bundle .whl $(if $(PY312),--python312 $(PY312))
+	@du -sh .whl

@@ -32,7 +32,8 @@ every rank takes the same decisions without talking to the others):
    loader yields exactly the batches ``k..L-1`` of the uninterrupted one (MosaicML #880,
    LitData #213, WebDataset #177/#271), provided seed, world size, workers and batch size are
    the same.
-6. **Errors.** Only ``NNN.jpg``, ``cls`` and ``json`` members are read; any other member
+6. **Errors.** Only ``NNN.jpg``, ``cls`` and ``json`` members (and features' ``sem.npy`` and
+   ``mot.npy``) are read; any other member
    (``.pyd``, ``.pickle`` ...) is never loaded, let alone unpickled. Bad data is skipped and
    counted in :attr:`Loader.stats`, with a warning the training process prints:
 
@@ -64,6 +65,11 @@ for all ``T`` frames of a clip, validation the centre square; there is no plain 
 flip, only the optional flip that also swaps SSv2's left/right labels (``flip: true``).
 With ``decode: gpu`` the workers only move JPEG bytes and crop boxes, and the batch is decoded
 on the GPU with ``torchvision.io.decode_jpeg(..., device="cuda")``.
+
+**Feature shards** (``launch/extract_features.py``, :mod:`fusion.features`) go through the same
+plan, reads, skips and refills; their samples hold the frozen backbones' outputs instead of
+frames (``sem.npy``, ``mot.npy``), and batches carry ``semantic`` and ``motion`` tensors
+instead of ``clips``. A training epoch draws one of each clip's stored views at random.
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from fusion.config import ConfigError, option
+from fusion.features import FEATURES_FORMAT, CorruptFeatures, FeatureSpec, decode_features
 from sharding import storage
 from sharding.ssv2 import NUM_CLASSES, TEMPLATES, flip_label
 
@@ -97,7 +104,7 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ssv2-frames/1"
 # The only members a reader ever loads; everything else in a shard stays unread bytes.
-READ_MEMBER = re.compile(r"^[^/]+\.(\d{3}\.jpg|cls|json)$")
+READ_MEMBER = re.compile(r"^[^/]+\.(\d{3}\.jpg|cls|json|sem\.npy|mot\.npy)$")
 SHARD_NAME = re.compile(r"[^/\\]+\.tar")
 ASPECT_RATIOS = (3 / 4, 4 / 3)
 MAX_READ_PASSES = 4
@@ -183,8 +190,9 @@ class ShardSet:
             ) from None
         except json.JSONDecodeError as error:
             raise ValueError(f"{manifest_url} is not valid JSON ({error}): re-run sharding.make_shards") from None
-        if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("shards"):
-            raise ValueError(f"{manifest_url}: not an '{MANIFEST_FORMAT}' manifest with shards; re-run sharding.make_shards")
+        if manifest.get("format") not in (MANIFEST_FORMAT, FEATURES_FORMAT) or not manifest.get("shards"):
+            raise ValueError(f"{manifest_url}: not an '{MANIFEST_FORMAT}' (frames) or '{FEATURES_FORMAT}' (features) manifest "
+                             "with shards; re-run sharding.make_shards or launch/extract_features.py")
         for position, entry in enumerate(manifest["shards"]):
             name = entry.get("name") if isinstance(entry, dict) else None
             if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
@@ -218,9 +226,27 @@ class ShardSet:
     def _entries(self) -> dict[str, dict[str, Any]]:
         return {entry["name"]: entry for entry in self.manifest["shards"]}
 
+    @property
+    def is_features(self) -> bool:
+        """Feature shards (``launch/extract_features.py``) rather than frame shards."""
+        return self.manifest.get("format") == FEATURES_FORMAT
+
     @functools.cached_property
-    def limits(self) -> "FrameLimits":
-        """What a member of these shards may be, from the manifest (see :class:`FrameLimits`)."""
+    def feature_spec(self) -> FeatureSpec:
+        if not self.is_features:
+            raise ValueError(f"{self.url} holds frame shards, not features")
+        try:
+            return FeatureSpec.of(self.manifest)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{self.url}/{MANIFEST_NAME}: a features manifest without valid 'features' shapes; "
+                             "re-run launch/extract_features.py") from None
+
+    @functools.cached_property
+    def limits(self) -> "FrameLimits | FeatureSpec":
+        """What a member of these shards may be, from the manifest (see :class:`FrameLimits`;
+        for feature shards the arrays' exact sizes, :class:`~fusion.features.FeatureSpec`)."""
+        if self.is_features:
+            return self.feature_spec
         short = self.manifest.get("short_side")
         if isinstance(short, int) and short > 0:
             return FrameLimits(short_side=short, long_side=MAX_ASPECT * short)
@@ -302,10 +328,10 @@ class DataEvents:
         if now and self.announce:
             if torch.utils.data.get_worker_info() is None:
                 log.warning("%s", message)
-                return
-            # a worker cannot reach the trainer's progress bar: start a fresh line instead
-            sys.stderr.write(f"\nwarning: {message}\n")
-            sys.stderr.flush()
+            else:  # a worker cannot reach the trainer's progress bar: start a fresh line instead
+                sys.stderr.write(f"\nwarning: {message}\n")
+                sys.stderr.flush()
+            return
         self.messages.append(message)
 
     def take(self) -> tuple[dict[str, int], list[str]]:
@@ -407,7 +433,7 @@ def val_plan(shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events: DataEvents) -> Iterator[dict[str, Any]]:
+def read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events: DataEvents) -> Iterator[dict[str, Any]]:
     """Raw samples (member bytes by extension) of one shard segment.
 
     Three kinds of trouble, told apart:
@@ -452,11 +478,14 @@ def _read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events:
             return
         except (tarfile.TarError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
             events.count("corrupt_shards")
-            events.warn(f"skipping the rest of shard {url} from sample {position}: {error}")
+            if position < segment.stop:
+                events.warn(f"skipping the rest of shard {url} from sample {position}: {error}")
+            else:
+                events.warn(f"shard {url} does not match the manifest: {error}")
             return
         except storage.StorageAccessError:
             raise  # refused credentials (e.g. expired mid-run): skipping every shard would train on nothing
-        except Exception as error:  # transient: connection refused or dropped, timeouts, 5xx
+        except _transient_errors() as error:  # connection refused or dropped, timeouts, 5xx
             now = time.monotonic()
             if outage_since is None:
                 outage_since = now
@@ -474,6 +503,22 @@ def _read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events:
         finally:
             if stream is not None:
                 stream.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable store raises (waited for); anything else is a bug and propagates."""
+    from http.client import HTTPException
+
+    errors: tuple[type[BaseException], ...] = (OSError, HTTPException, storage.StorageError)
+    try:  # only where S3 is used
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        errors += (BotoCoreError, HTTPError)
+    except ImportError:
+        pass
+    return errors
 
 
 class _HashingReader:
@@ -562,7 +607,7 @@ def _lane_stream(shardset: ShardSet, plan: LanePlan, cfg: DataConfig, seed_text:
     for read_pass in range(MAX_READ_PASSES):
         read = Counter()
         segments = plan.segments if read_pass == 0 else plan.refill
-        raw = _counted((sample for segment in segments for sample in _read_segment(shardset, segment, cfg, events)), read)
+        raw = _counted((sample for segment in segments for sample in read_segment(shardset, segment, cfg, events)), read)
         if seed_text is None:  # validation: manifest order, one pass
             yield from raw
             return
@@ -795,7 +840,7 @@ def decode_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng
             label = flip_label(label) if label >= 0 else label
         return _cut(_take(video, picks[0], row), view, cfg.crop_size), label
     boxes = spatial_boxes(height, width, sampling.spatial_crops)
-    clips = [_cut(_take(video, pick, row), ClipView(box, False), cfg.crop_size) for pick in picks for box in boxes]
+    clips = [_cut(frames, ClipView(box, False), cfg.crop_size) for frames in (_take(video, pick, row) for pick in picks) for box in boxes]
     return (torch.stack(clips) if multi_view else clips[0]), label
 
 
@@ -831,12 +876,13 @@ class _LaneDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, shardset: ShardSet, cfg: DataConfig, plans: list[LanePlan], *, sampling: Sampling, batch_size: int,
                  skip_batches: int, seed_text: str | None, crop_seed_text: str | None, fill: bool, require_label: bool,
-                 announce: bool = True) -> None:
+                 announce: bool = True, feature_view: int = 0) -> None:
         self.shardset, self.cfg, self.plans, self.sampling = shardset, cfg, plans, sampling
         self.announce = announce  # print waits for storage at once (rank 0; the others report with their batches)
         self.batch_size, self.skip_batches = batch_size, skip_batches
         self.seed_text, self.crop_seed_text = seed_text, crop_seed_text
         self.fill, self.require_label = fill, require_label
+        self.feature_view = feature_view  # feature shards: which stored view of each clip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -896,12 +942,16 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         key = sample["__key__"]
         rng = random.Random(f"{self.crop_seed_text}:{key}") if self.crop_seed_text is not None else None
         try:
-            if self.cfg.decode == "gpu":
+            if self.shardset.is_features:
+                semantic, motion, label = decode_features(sample, self.shardset.feature_spec, self.feature_view,
+                                                          _label(sample, self.require_label))
+                clip = (semantic, motion)
+            elif self.cfg.decode == "gpu":
                 clip, label = _jpeg_bytes_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits)
             else:
                 clip, label = decode_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits,
                                           multi_view=self.sampling.views > 1)
-        except CorruptSample as error:
+        except (CorruptSample, CorruptFeatures) as error:
             events.count("corrupt_samples")
             events.warn(f"skipping sample {key} of {sample.get('__url__')}: {error}")
             return False
@@ -915,7 +965,12 @@ class _LaneDataset(torch.utils.data.IterableDataset):
             errors=counts,
             messages=messages,
         )
-        if self.cfg.decode == "gpu":
+        if self.shardset.is_features:
+            spec = self.shardset.feature_spec
+            for position, (name, shape) in enumerate((("semantic", spec.semantic_shape), ("motion", spec.motion_shape))):
+                batch[name] = (torch.stack([clip[position] for clip, _, _ in chosen]) if chosen
+                               else torch.empty((0, *shape), dtype=torch.float32))
+        elif self.cfg.decode == "gpu":
             batch["encoded"] = [clip for clip, _, _ in chosen]
         elif chosen:
             batch["clips"] = torch.stack([clip for clip, _, _ in chosen])
@@ -940,7 +995,8 @@ def _round_robin(streams: list[Iterator[dict[str, Any]]], lanes: int, skip: int)
 
 class Loader:
     """The batches of one rank for one epoch: ``len()`` of them, each
-    ``dict(clips=uint8 [B, T, 3, S, S], labels=int64 [B], keys=list[str])``.
+    ``dict(clips=uint8 [B, T, 3, S, S], labels=int64 [B], keys=list[str])``; from feature
+    shards ``dict(semantic=float32 [B, T, Ds], motion=float32 [B, T', Dm], labels, keys)``.
 
     :attr:`stats` counts skipped samples and shards, retries and refills seen so far (the
     workers report them with each batch); log it, it is the only trace of bad data.
@@ -964,8 +1020,8 @@ class Loader:
             pin_memory=torch.cuda.is_available() and self.cfg.decode == "cpu",
             prefetch_factor=self.cfg.prefetch_batches if workers else None,
             in_order=True,
-            worker_init_fn=functools.partial(_init_worker, dict(os.environ)),
-            multiprocessing_context=_worker_context() if workers else None,
+            worker_init_fn=functools.partial(init_worker, dict(os.environ)),
+            multiprocessing_context=worker_context() if workers else None,
         )
         for batch in loader:
             self.stats.update(batch.pop("errors"))
@@ -1011,7 +1067,7 @@ class Loader:
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_context() -> Any:
+def worker_context() -> Any:
     """Loader workers are forked from a forkserver, not from the training process.
 
     The training process has threads (gloo, TensorBoard's writer, tqdm, the feeder threads of
@@ -1047,7 +1103,7 @@ def _worker_context() -> Any:
     return context
 
 
-def _init_worker(environment: dict[str, str], worker_id: int) -> None:
+def init_worker(environment: dict[str, str], worker_id: int) -> None:
     """A loader worker takes the training process's environment as it is now (a forkserver
     child would otherwise see the one the server started with: credentials exported since, for
     one), and ignores SIGTERM and SIGUSR1. A scheduler signals every process of a job (Slurm
@@ -1081,6 +1137,12 @@ def decode_on_device(encoded: list[dict[str, Any]], size: int, device: torch.dev
 # ----------------------------------------------------------------------------- entry points
 
 
+def crop_seed_text(seed: int, epoch: int) -> str:
+    """What seeds a training clip's frames, crop and flip (with its key): feature extraction
+    cuts view ``v`` with epoch ``v``'s, so cached views are the crops training would take."""
+    return f"crop:{seed}:{epoch}"
+
+
 def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
@@ -1110,8 +1172,9 @@ def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: 
     plans = train_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed, lanes=lanes)
     dataset = _LaneDataset(
         shardset, cfg, plans, sampling=sampling, batch_size=batch_size, skip_batches=skip_batches,
-        seed_text=f"order:{seed}:{epoch}:{rank}:{world_size}", crop_seed_text=f"crop:{seed}:{epoch}",
+        seed_text=f"order:{seed}:{epoch}:{rank}:{world_size}", crop_seed_text=crop_seed_text(seed, epoch),
         fill=True, require_label=True, announce=rank == 0,
+        feature_view=epoch % shardset.feature_spec.views if shardset.is_features else 0,
     )
     return Loader(dataset, cfg, per_rank - skip_batches, device)
 
@@ -1125,6 +1188,8 @@ def val_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: in
     give ``[B, V, T, 3, S, S]``, temporal-major (``decode: cpu`` only)."""
     _check_rank(rank, world_size, batch_size)
     sampling = Sampling.of(cfg, shardset, temporal_views, spatial_crops)
+    if sampling.views > 1 and shardset.is_features:
+        raise ConfigError(f"{shardset.url} holds features of one view per clip: evaluate several views from frame shards")
     if sampling.views > 1 and cfg.decode == "gpu":
         raise ConfigError("several views per clip are cut on the CPU: set data.decode cpu for multi-view evaluation")
     lanes = max(1, cfg.num_workers)

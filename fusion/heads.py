@@ -1,35 +1,44 @@
 """The trainable fusion head: per-frame semantic features and per-segment motion features in,
 class logits out. It is the only part of the model that trains (and what DeepSpeed wraps).
 
-Start reading at :class:`FusionHead`. Every variant shares the same pieces so that an ablation
-changes one thing only:
+Start reading at :class:`FusionHead`. The variants share every piece but the **fusion
+operator**, so that an ablation changes one thing (``python -m fusion`` counts each one's
+parameters; the ablation table prints them beside every result):
 
 - **projection** per stream: ``Linear(in_dim, dim) -> LayerNorm`` plus a learned temporal
   position embedding (one table per stream, ``max_time`` rows) and dropout;
-- **encoder**: ``layers`` pre-norm transformer blocks (attention with a residual, then a GELU
-  FFN with a residual);
-- **pooling** over time (``pool``): ``mean`` averages each stream over time, ``attn`` weights
-  each time step by a learned score (softmax over time); with two streams the two pooled vectors
-  are concatenated;
+- ``layers`` **layers**, each two pre-norm blocks per stream: first a *temporal self-attention*
+  block within the stream (the same in every variant), then a *fusion* block in which the
+  stream receives a message from the other stream. Both blocks are ``x + op(norm(x), ...)``
+  then ``x + FFN(norm(x))``; only ``op`` of the fusion block differs between variants, and
+  both streams' fusion blocks read this layer's inputs (bidirectional, order-free);
+- **pooling** over time (``pool``) of each stream (``mean``, or ``attn``: a learned softmax
+  over time), the pooled vectors concatenated;
 - **classifier**: ``LayerNorm -> Dropout -> Linear(num_classes)``.
 
-The ``fusion`` variants:
+The fusion operators, for a stream ``x`` [B, T, dim] receiving from the other ``y`` [B, T', dim]:
 
-- ``xattn`` (the model): bidirectional cross-attention. In each layer the semantic sequence
-  [B, T, dim] queries the motion sequence [B, T', dim] and, from the same inputs, the motion
-  sequence queries the semantic one; both streams are pooled and concatenated (2*dim).
-- ``concat``: the motion sequence is linearly interpolated in time from T' to T, the two
-  projected streams are concatenated per time step and mapped back by ``Linear(2*dim, dim)``;
-  then ``layers`` self-attention blocks, pooling, classifier.
-- ``elementwise``: as ``concat``, but the two aligned streams are multiplied element-wise.
-- ``semantic_only`` / ``motion_only``: one stream alone through ``layers`` self-attention
-  blocks, pooling, classifier (the other stream's features are accepted and ignored).
+- ``xattn`` (the model): multi-head cross-attention, ``x`` queries ``y`` (q, k, v and output
+  projections: 4 dim^2 weights per direction);
+- ``concat``: ``y`` linearly interpolated in time onto ``x``'s time steps, concatenated with
+  ``x`` per time step, ``Linear(2 dim, dim)`` then an output projection (3 dim^2);
+- ``elementwise``: ``y`` aligned the same way, ``Linear(x) * Linear(y)`` per time step, then an
+  output projection (3 dim^2);
+- ``semantic_only`` / ``motion_only``: one stream alone; its fusion block's operator is a
+  second temporal self-attention, so the stream keeps the same depth and per-stream width
+  (the other stream's features are accepted and ignored).
+
+So ``concat`` and ``elementwise`` have the same parameter count, and ``xattn`` has ``2 dim^2``
+more per layer (about 4% of the full head at dim 512): the comparison is between operators at
+the same depth and nearly the same size, not between heads of different shapes.
 
 With ``return_attention=True`` the forward pass also returns the softmax attention weights
-(before dropout): a dict mapping a direction to one [B, heads, Tq, Tk] tensor per layer. The keys
-are ``semantic_queries_motion`` and ``motion_queries_semantic`` for ``xattn`` and ``self`` for
-the single-sequence variants. Without it attention runs through
-``F.scaled_dot_product_attention`` (the fused kernels), which never materialises the weights.
+(before dropout): a dict mapping a direction to one [B, heads, Tq, Tk] tensor per layer. The
+keys are ``semantic_self`` and ``motion_self`` (the within-stream blocks of two-stream
+variants), ``semantic_queries_motion`` and ``motion_queries_semantic`` (``xattn``'s fusion
+blocks), and ``self`` for the single-stream variants (two per layer: both of its blocks).
+Without it attention runs through ``F.scaled_dot_product_attention`` (the fused kernels),
+which never materialises the weights.
 """
 
 from __future__ import annotations
@@ -91,15 +100,59 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, mult * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
 
 
-class AttentionBlock(nn.Module):
-    """Pre-norm transformer block; attends over ``context`` (cross) or over ``x`` itself (self)."""
+def align_time(x: Tensor, time: int) -> Tensor:
+    """Linearly interpolate [B, T', D] to [B, time, D] (one stream onto the other's time steps)."""
+    if x.shape[1] == time:
+        return x
+    return F.interpolate(x.transpose(1, 2), size=time, mode="linear", align_corners=False).transpose(1, 2)
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float, cross: bool) -> None:
+
+class ConcatMix(nn.Module):
+    """The ``concat`` operator: ``out(Linear([x_t ; y_t]))`` per time step of ``x``, with ``y``
+    interpolated onto ``x``'s time steps."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mix = nn.Linear(2 * dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, query: Tensor, context: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
+        return self.out(self.mix(torch.cat([query, align_time(context, query.shape[1])], dim=-1))), None
+
+
+class ProductMix(nn.Module):
+    """The ``elementwise`` operator: ``out(Linear(x_t) * Linear(y_t))`` per time step of ``x``,
+    with ``y`` interpolated onto ``x``'s time steps."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.own = nn.Linear(dim, dim)
+        self.other = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, query: Tensor, context: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
+        return self.out(self.own(query) * self.other(align_time(context, query.shape[1]))), None
+
+
+def fusion_operator(fusion: str, dim: int, heads: int, dropout: float) -> nn.Module:
+    """The operator of a fusion block (see the module docstring)."""
+    if fusion == "concat":
+        return ConcatMix(dim)
+    if fusion == "elementwise":
+        return ProductMix(dim)
+    return MultiHeadAttention(dim, heads, dropout)  # xattn, and the single streams' second self-attention
+
+
+class Block(nn.Module):
+    """Pre-norm block ``x + op(norm(x), context)`` then ``x + FFN(norm(x))``. Without a
+    ``context`` (self-attention) the operator reads ``x`` itself; with one (a fusion block),
+    the other stream normalised with its own statistics."""
+
+    def __init__(self, operator: nn.Module, dim: int, ffn_mult: int, dropout: float, cross: bool) -> None:
         super().__init__()
         self.norm_query = nn.LayerNorm(dim)
-        # Cross-attention normalises the other stream with its own statistics.
         self.norm_context = nn.LayerNorm(dim) if cross else None
-        self.attn = MultiHeadAttention(dim, heads, dropout)
+        self.op = operator
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = FeedForward(dim, ffn_mult, dropout)
         self.drop = nn.Dropout(dropout)
@@ -107,26 +160,20 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         query = self.norm_query(x)
         kv = query if self.norm_context is None else self.norm_context(context)
-        attended, weights = self.attn(query, kv, need_weights)
-        x = x + self.drop(attended)
+        message, weights = self.op(query, kv, need_weights)
+        x = x + self.drop(message)
         x = x + self.drop(self.ffn(self.norm_ffn(x)))
         return x, weights
 
 
-class BidirectionalLayer(nn.Module):
-    """Semantic queries motion and motion queries semantic, both from this layer's inputs."""
+class StreamLayer(nn.Module):
+    """One layer of one stream: temporal self-attention, then the fusion block."""
 
-    def __init__(self, dim: int, heads: int, ffn_mult: int, dropout: float) -> None:
+    def __init__(self, fusion: str, dim: int, heads: int, ffn_mult: int, dropout: float) -> None:
         super().__init__()
-        self.semantic_block = AttentionBlock(dim, heads, ffn_mult, dropout, cross=True)
-        self.motion_block = AttentionBlock(dim, heads, ffn_mult, dropout, cross=True)
-
-    def forward(
-        self, semantic: Tensor, motion: Tensor, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        new_semantic, semantic_weights = self.semantic_block(semantic, motion, need_weights)
-        new_motion, motion_weights = self.motion_block(motion, semantic, need_weights)
-        return new_semantic, new_motion, semantic_weights, motion_weights
+        self.temporal = Block(MultiHeadAttention(dim, heads, dropout), dim, ffn_mult, dropout, cross=False)
+        single = fusion in ("semantic_only", "motion_only")
+        self.fuse = Block(fusion_operator(fusion, dim, heads, dropout), dim, ffn_mult, dropout, cross=not single)
 
 
 class StreamProjection(nn.Module):
@@ -166,15 +213,9 @@ class TemporalPool(nn.Module):
         return (weights * x).sum(dim=1)
 
 
-def align_time(x: Tensor, time: int) -> Tensor:
-    """Linearly interpolate [B, T', D] to [B, time, D] (motion segments onto frame times)."""
-    if x.shape[1] == time:
-        return x
-    return F.interpolate(x.transpose(1, 2), size=time, mode="linear", align_corners=False).transpose(1, 2)
-
-
 class FusionHead(nn.Module):
-    """Projections, fusion encoder, temporal pooling and classifier; see the module docstring."""
+    """Projections, per-stream layers with fusion blocks, temporal pooling and classifier; see
+    the module docstring."""
 
     def __init__(self, cfg: ModelConfig, semantic_dim: int, motion_dim: int) -> None:
         super().__init__()
@@ -182,30 +223,25 @@ class FusionHead(nn.Module):
             raise ValueError(f"model.fusion={cfg.fusion!r} is not one of {', '.join(FUSIONS)}")
         self.fusion = cfg.fusion
         dim = cfg.dim
-        uses_semantic = cfg.fusion != "motion_only"
-        uses_motion = cfg.fusion != "semantic_only"
-        self.semantic_proj = StreamProjection(semantic_dim, dim, cfg.max_time, cfg.dropout) if uses_semantic else None
-        self.motion_proj = StreamProjection(motion_dim, dim, cfg.max_time, cfg.dropout) if uses_motion else None
-        self.combine = nn.Linear(2 * dim, dim) if cfg.fusion == "concat" else None
-        if cfg.fusion == "xattn":
-            self.layers = nn.ModuleList(
-                BidirectionalLayer(dim, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.layers)
-            )
-        else:
-            self.layers = nn.ModuleList(
-                AttentionBlock(dim, cfg.heads, cfg.ffn_mult, cfg.dropout, cross=False) for _ in range(cfg.layers)
-            )
-        streams = 2 if cfg.fusion == "xattn" else 1
-        self.pool = nn.ModuleList(TemporalPool(dim, cfg.pool) for _ in range(streams))
-        self.classifier = nn.Sequential(
-            nn.LayerNorm(streams * dim), nn.Dropout(cfg.dropout), nn.Linear(streams * dim, cfg.num_classes)
-        )
+        self.streams = [name for name, used in (("semantic", cfg.fusion != "motion_only"),
+                                                ("motion", cfg.fusion != "semantic_only")) if used]
+
+        def stream_layers() -> nn.ModuleList:
+            return nn.ModuleList(StreamLayer(cfg.fusion, dim, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.layers))
+
+        self.semantic_proj = StreamProjection(semantic_dim, dim, cfg.max_time, cfg.dropout) if "semantic" in self.streams else None
+        self.motion_proj = StreamProjection(motion_dim, dim, cfg.max_time, cfg.dropout) if "motion" in self.streams else None
+        self.semantic_layers = stream_layers() if "semantic" in self.streams else None
+        self.motion_layers = stream_layers() if "motion" in self.streams else None
+        width = len(self.streams) * dim
+        self.pool = nn.ModuleList(TemporalPool(dim, cfg.pool) for _ in self.streams)
+        self.classifier = nn.Sequential(nn.LayerNorm(width), nn.Dropout(cfg.dropout), nn.Linear(width, cfg.num_classes))
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay must not shrink besides norms and biases (which the
         optimizer groups exclude by shape): the learned time embeddings (timm's convention,
         like a ViT's ``pos_embed``)."""
-        return {f"{name}.time_embed" for name in ("semantic_proj", "motion_proj") if getattr(self, name) is not None}
+        return {f"{name}_proj.time_embed" for name in self.streams}
 
     def forward(
         self, semantic: Tensor, motion: Tensor, return_attention: bool = False
@@ -217,40 +253,32 @@ class FusionHead(nn.Module):
 
     def forward_features(self, semantic: Tensor, motion: Tensor, return_attention: bool = False) -> tuple[Tensor, Attention]:
         """The fused clip feature the classifier reads, [B, streams * dim], and the attention
-        weights (empty lists unless ``return_attention``)."""
+        weights (empty unless ``return_attention``)."""
         # Features arrive in fp32 from the frozen backbones; the head may run in bf16 (DeepSpeed).
         dtype = self.classifier[-1].weight.dtype
-        semantic, motion = semantic.to(dtype), motion.to(dtype)
-        if self.fusion == "xattn":
-            return self._cross(semantic, motion, return_attention)
-        return self._single(self._sequence(semantic, motion), return_attention)
+        inputs = {"semantic": semantic, "motion": motion}
+        x = {name: getattr(self, f"{name}_proj")(inputs[name].to(dtype)) for name in self.streams}
+        attention: Attention = {}
 
-    def _cross(self, semantic: Tensor, motion: Tensor, need_weights: bool) -> tuple[Tensor, Attention]:
-        s, m = self.semantic_proj(semantic), self.motion_proj(motion)  # (B, T, dim), (B, T', dim)
-        attention: Attention = {"semantic_queries_motion": [], "motion_queries_semantic": []}
-        for layer in self.layers:
-            s, m, s_weights, m_weights = layer(s, m, need_weights)
-            if need_weights:
-                attention["semantic_queries_motion"].append(s_weights)
-                attention["motion_queries_semantic"].append(m_weights)
-        return torch.cat([self.pool[0](s), self.pool[1](m)], dim=-1), attention  # (B, 2*dim)
+        def keep(key: str, weights: Tensor | None) -> None:
+            if return_attention and weights is not None:
+                attention.setdefault(key, []).append(weights)
 
-    def _sequence(self, semantic: Tensor, motion: Tensor) -> Tensor:
-        """The one sequence the single-stream variants encode: [B, T, dim]."""
-        if self.fusion == "semantic_only":
-            return self.semantic_proj(semantic)
-        if self.fusion == "motion_only":
-            return self.motion_proj(motion)
-        s = self.semantic_proj(semantic)
-        m = align_time(self.motion_proj(motion), s.shape[1])
-        if self.fusion == "concat":
-            return self.combine(torch.cat([s, m], dim=-1))
-        return s * m
-
-    def _single(self, x: Tensor, need_weights: bool) -> tuple[Tensor, Attention]:
-        attention: Attention = {"self": []}
-        for block in self.layers:
-            x, weights = block(x, need_weights=need_weights)
-            if need_weights:
-                attention["self"].append(weights)
-        return self.pool[0](x), attention
+        two = len(self.streams) == 2
+        for depth in range(len(self.semantic_layers or self.motion_layers)):
+            layers = {name: getattr(self, f"{name}_layers")[depth] for name in self.streams}
+            for name in self.streams:
+                x[name], weights = layers[name].temporal(x[name], need_weights=return_attention)
+                keep(f"{name}_self" if two else "self", weights)
+            if two:  # both fusion blocks read this layer's inputs: neither stream goes first
+                (s, s_weights), (m, m_weights) = (layers["semantic"].fuse(x["semantic"], x["motion"], return_attention),
+                                                  layers["motion"].fuse(x["motion"], x["semantic"], return_attention))
+                x["semantic"], x["motion"] = s, m
+                keep("semantic_queries_motion", s_weights)
+                keep("motion_queries_semantic", m_weights)
+            else:
+                name = self.streams[0]
+                x[name], weights = layers[name].fuse(x[name], need_weights=return_attention)
+                keep("self", weights)
+        pooled = torch.cat([pool(x[name]) for pool, name in zip(self.pool, self.streams)], dim=-1)
+        return pooled, attention

@@ -13,6 +13,8 @@ builders (for tests, CI and the CPU demo). The head's size always comes from ``m
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,12 +41,13 @@ class ModelConfig:
     motion: MotionConfig = option(factory=MotionConfig, doc="motion (per-segment) backbone")
     fusion: Literal["xattn", "concat", "elementwise", "semantic_only", "motion_only"] = option(
         "xattn",
-        "how the streams meet: xattn (bidirectional cross-attention), concat (concatenation per time step), "
-        "elementwise (product per time step), semantic_only or motion_only (one stream, self-attention)",
+        "the fusion operator, the one thing the variants do not share: xattn (bidirectional cross-attention), "
+        "concat (concatenation per time step), elementwise (product per time step), semantic_only or motion_only "
+        "(one stream; a second self-attention in place of fusion)",
     )
     heads: int = option(8, "attention heads in the head; must divide model.dim")
     dim: int = option(512, "width both streams are projected to")
-    layers: int = option(1, "fusion (or self-attention) layers in the head")
+    layers: int = option(1, "layers in the head; each is a temporal self-attention block then a fusion block, per stream")
     num_classes: int = option(NUM_CLASSES, "classifier outputs (174 for SSv2)")
     dropout: float = option(0.1, "dropout on projections, attention weights, residual branches and before the classifier")
     ffn_mult: int = option(4, "hidden width of each block's feed-forward layer, in multiples of model.dim")
@@ -126,7 +129,10 @@ class FrozenBackbones(nn.Module):
 
 
 class FusionClassifier(nn.Module):
-    """Frozen backbones followed by the trainable head. Only ``head`` has trainable parameters."""
+    """Frozen backbones followed by the trainable head. Only ``head`` has trainable parameters.
+
+    Built for feature shards (``build_model(..., frozen_on_meta=True)``), the backbones exist
+    as shapes only, on the meta device: they are counted in reports but never run."""
 
     def __init__(self, cfg: ModelConfig, backbones: FrozenBackbones, head: FusionHead) -> None:
         super().__init__()
@@ -134,8 +140,15 @@ class FusionClassifier(nn.Module):
         self.backbones = backbones
         self.head = head
 
+    @property
+    def runs_backbones(self) -> bool:
+        return not next(self.backbones.parameters()).is_meta
+
     def features(self, clips: Tensor) -> tuple[Tensor, Tensor]:
         """(semantic [B, T, Ds], motion [B, T', Dm]) in fp32 without gradients; cacheable."""
+        if not self.runs_backbones:
+            raise RuntimeError("this model was built for feature shards (backbones on the meta device): it cannot "
+                               "turn clips into features; build it with frozen_on_meta=False")
         return self.backbones(clips)
 
     def forward(self, clips: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Attention]:
@@ -144,16 +157,41 @@ class FusionClassifier(nn.Module):
         return self.head(semantic, motion, return_attention=return_attention)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> FusionClassifier:
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None,
+                frozen_on_meta: bool = False) -> FusionClassifier:
     """Backbones from ``cfg.semantic`` / ``cfg.motion`` at ``cfg.size``, a head sized from their
-    widths, everything on ``device`` and the backbones in ``resolve_dtype(cfg.dtype, device)``."""
-    semantic = build_semantic(cfg.semantic, cfg.size)
-    motion = build_motion(cfg.motion, cfg.size)
+    widths, everything on ``device`` and the backbones in ``resolve_dtype(cfg.dtype, device)``.
+
+    ``seed``: the random initialisation of backbones without weight files and of the head, each
+    from ``seed`` (the head's does not depend on what the backbones drew, so a head built for
+    feature shards starts where one built with live backbones does). ``frozen_on_meta``: the
+    backbones as shapes only (no memory, no weight files read), for training from features.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    if frozen_on_meta:
+        from fusion.backbones.weights import RandomWeightsWarning
+
+        shapes_only = dataclasses.replace(cfg, semantic=dataclasses.replace(cfg.semantic, weights=None),
+                                          motion=dataclasses.replace(cfg.motion, weights=None))
+        weights_log = logging.getLogger("fusion.backbones.weights")
+        was_disabled, weights_log.disabled = weights_log.disabled, True  # shapes only: "random weights" is no news
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore", RandomWeightsWarning)
+                semantic, motion = build_semantic(shapes_only.semantic, cfg.size), build_motion(shapes_only.motion, cfg.size)
+        finally:
+            weights_log.disabled = was_disabled
+    else:
+        semantic, motion = build_semantic(cfg.semantic, cfg.size), build_motion(cfg.motion, cfg.size)
     backbones = FrozenBackbones(semantic, motion)
-    head = FusionHead(cfg, semantic_dim=semantic.out_dim, motion_dim=motion.out_dim)
-    model = FusionClassifier(cfg, backbones, head).to(device)
-    model.backbones.set_dtype(resolve_dtype(cfg.dtype, device))
-    return model
+    if seed is not None:
+        torch.manual_seed(seed)
+    head = FusionHead(cfg, semantic_dim=semantic.out_dim, motion_dim=motion.out_dim).to(device)
+    if not frozen_on_meta:
+        backbones = backbones.to(device)
+        backbones.set_dtype(resolve_dtype(cfg.dtype, device))
+    return FusionClassifier(cfg, backbones, head)
 
 
 def optimizer_groups(head: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

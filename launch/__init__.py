@@ -1,1 +1,2 @@
-"""Entry points and distributed glue: train (DeepSpeed ZeRO-2), distributed (ranks, checkpoints), demo, learning_check, and the loader/training benchmarks."""
+"""Entry points and distributed glue: train (DeepSpeed ZeRO-2), distributed (ranks, checkpoints), feature extraction,
+the ablation study, evaluation and prediction, the demo, the GPU check, and the benchmarks."""

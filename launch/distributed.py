@@ -231,9 +231,12 @@ def read_ds_config(path: str | Path) -> dict[str, Any]:
 
 def check_ds_config(config: dict[str, Any]) -> None:
     """What DeepSpeed would only refuse after the model is built: the optimizer and scheduler
-    names (and our WarmupCosineLR's params). Imports DeepSpeed's name lists, not its engine."""
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+    names (and our WarmupCosineLR's params), from DeepSpeed's own name lists. This imports
+    DeepSpeed (a few seconds), after the config has been parsed; on ranks but 0 quietly."""
+    rank = int(os.environ.get("RANK", "0"))
+    with quiet_unless(rank == 0):
+        from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+        from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
 
     optimizer = config.get("optimizer")
     if optimizer is not None:
@@ -345,7 +348,7 @@ def warmup_cosine_ratio(step: int, *, total_num_steps: int, warmup_num_steps: in
 
     Warm-up from ``warmup_min_ratio`` reaches 1 at step ``warmup_num_steps`` (linearly, or
     along ``log(k + 1) / log(W + 1)`` for ``warmup_type: log``); the very first step already
-    has ``1/W`` of the way (not 0). Then a cosine decays to ``cos_min_ratio`` at
+    has ``1/W`` of the way (``log 2 / log(W + 1)`` for log), not 0. Then a cosine decays to ``cos_min_ratio`` at
     ``total_num_steps`` and stays there. The parameters are DeepSpeed's, with its defaults.
     """
     k, warmup = step + 1, max(1, int(warmup_num_steps))
@@ -468,6 +471,15 @@ def _shared(value: Any) -> Any:
     return box[0]
 
 
+def _gathered(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (a collective on the control group)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_control_group)
+    return values
+
+
 def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, Any], *, keep: int, is_main: bool,
                     check_space: bool = True) -> str:
     """Save head, optimizer, scheduler and ``client_state`` under ``out/checkpoints/stepNNNNNNNN``.
@@ -504,31 +516,35 @@ def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, A
         engine.save_checkpoint(str(directory), tag=tag, client_state=client_state, save_latest=False)
     except Exception as error:  # a full disk, a quota, a vanished mount: reported below on every rank
         failure = write_error(error, target)
-        # DeepSpeed's collectives all come before its writes; what is left is its closing
-        # barrier, which the ranks that did write are waiting at.
+        # DeepSpeed's collectives (a barrier after rank 0's makedirs, the tag check) come
+        # before its writes, and the folder exists already (made above), so a failure can only
+        # be in the writes; what is left is its closing barrier, where the others wait.
         barrier()
-    if any_rank(failure is not None):
-        failures = [failure]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            failures = [None] * dist.get_world_size()
-            dist.all_gather_object(failures, failure, group=_control_group)
+    failures = _gathered(failure)
+    if any(f is not None for f in failures):
         if is_main:
             shutil.rmtree(target, ignore_errors=True)
         barrier()
         reasons = sorted({f for f in failures if f is not None})
         raise CheckpointError(f"could not write checkpoint {target}: {'; '.join(reasons)}; the partial folder was removed; "
                               f"{_previous_words(out)}")
-    barrier()
+    problem = None
     if is_main:
-        staging = directory / f".{LATEST}.tmp"
-        staging.write_text(tag)
-        os.replace(staging, directory / LATEST)
-        if keep > 0:
+        try:
+            staging = directory / f".{LATEST}.tmp"
+            staging.write_text(tag)
+            os.replace(staging, directory / LATEST)
+        except OSError as error:  # the checkpoint is whole, but `latest` still names the one before
+            problem = write_error(error, directory / LATEST)
+        if problem is None and keep > 0:
             tags = sorted(p.name for p in directory.glob("step*") if p.is_dir())
             for old in tags[:-keep]:
                 if old != tag:
                     shutil.rmtree(directory / old, ignore_errors=True)
-    barrier()
+    problem = _shared(problem)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {target} was written but {directory / LATEST} could not be moved to it: {problem}; "
+                              f"{_previous_words(out)}")
     return tag
 
 
@@ -548,11 +564,7 @@ def load_checkpoint(engine: Any, out: Path) -> dict[str, Any] | None:
     resume, and the collectives would hang. Every rank must see the chosen checkpoint, or all
     stop with the reason.
     """
-    tag = latest_tag(out)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [tag]
-        dist.broadcast_object_list(shared, src=0)
-        tag = shared[0]
+    tag = _shared(latest_tag(out))
     if tag is None:
         return None
     from deepspeed.accelerator import get_accelerator

@@ -42,6 +42,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -64,7 +65,7 @@ from sharding.ssv2 import TEMPLATES
 
 TOP_K = 5
 MOST_CONFUSED = 10
-# PCA of at most this many clips' features: the picture needs no more, the gather stays small
+# PCA of about this many clips' features: the picture needs no more, the gather stays small
 FEATURE_CLIPS = 5000
 
 
@@ -87,8 +88,9 @@ class Results:
     keys: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     probs: list[np.ndarray] = field(default_factory=list)
-    features: list[np.ndarray] = field(default_factory=list)  # of the first FEATURE_CLIPS clips
+    features: list[np.ndarray] = field(default_factory=list)  # of about FEATURE_CLIPS clips (see feature_every)
     feature_labels: list[int] = field(default_factory=list)
+    feature_keys: list[str] = field(default_factory=list)
     right: list[tuple[float, str, Candidate]] = field(default_factory=list)  # min-heaps by confidence
     wrong: list[tuple[float, str, Candidate]] = field(default_factory=list)
 
@@ -108,10 +110,12 @@ def classify(model: Any, clips: torch.Tensor, views: int, want_attention: bool) 
 
 
 def evaluate_batches(model: Any, batches: Iterable[dict[str, Any]], *, views: int, picture_view: int, keep: int,
-                     device: torch.device, feature_clips: int = FEATURE_CLIPS, progress: bool = False) -> Results:
+                     device: torch.device, feature_every: int = 1, progress: bool = False) -> Results:
     """Run ``model`` over ``batches`` (clips ``[B, V, T, 3, S, S]`` or, for one view,
     ``[B, T, 3, S, S]``) and collect :class:`Results`; ``keep`` clips each of the most
-    confidently right and wrong are kept with view ``picture_view`` for attention pictures."""
+    confidently right and wrong are kept with view ``picture_view`` for attention pictures;
+    the fused features of one clip in ``feature_every`` (chosen by a hash of the key, so the
+    same clips whatever the number of ranks) for the feature picture."""
     results = Results()
     for batch in tqdm(batches, desc="evaluate", unit="batch", disable=not progress, dynamic_ncols=True):
         if not batch["keys"]:
@@ -126,9 +130,10 @@ def evaluate_batches(model: Any, batches: Iterable[dict[str, Any]], *, views: in
             results.keys.append(key)
             results.labels.append(label)
             results.probs.append(probs[index])
-            if len(results.features) < feature_clips:
+            if zlib.crc32(key.encode()) % feature_every == 0:
                 results.features.append(features[index])
                 results.feature_labels.append(label)
+                results.feature_keys.append(key)
             if keep:
                 _consider(results, keep, key, label, probs[index], clips[index, picture_view], attention, index * views + picture_view)
     return results
@@ -139,7 +144,7 @@ def _consider(results: Results, keep: int, key: str, label: int, probs: np.ndarr
     predicted = int(probs.argmax())
     confidence = float(probs[predicted])
     heap = results.right if label < 0 or predicted == label else results.wrong
-    if len(heap) == keep and confidence <= heap[0][0]:
+    if len(heap) == keep and (confidence, key) <= heap[0][:2]:  # the order merge() uses
         return
     candidate = Candidate(confidence, key, label, predicted, clip.permute(0, 2, 3, 1).cpu().numpy(),
                           {name: weights[row].float().cpu().numpy() for name, weights in attention.items()})
@@ -158,8 +163,10 @@ def merge(parts: list[Results], keep: int) -> Results:
         merged.keys.append(key)
         merged.labels.append(parts[number].labels[index])
         merged.probs.append(parts[number].probs[index])
-    merged.features = [vector for part in parts for vector in part.features][:FEATURE_CLIPS]
-    merged.feature_labels = [label for part in parts for label in part.feature_labels][:FEATURE_CLIPS]
+    kept = sorted((key, number, index) for number, part in enumerate(parts) for index, key in enumerate(part.feature_keys))
+    merged.features = [parts[number].features[index] for _, number, index in kept]
+    merged.feature_labels = [parts[number].feature_labels[index] for _, number, index in kept]
+    merged.feature_keys = [key for key, _, _ in kept]
     merged.right = heapq.nlargest(keep, (e for part in parts for e in part.right), key=lambda e: (e[0], e[1]))
     merged.wrong = heapq.nlargest(keep, (e for part in parts for e in part.wrong), key=lambda e: (e[0], e[1]))
     return merged
@@ -277,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         val_set = ShardSet.open(resolve_data_url(cfg.data.val))
+        if val_set.is_features:  # evaluation runs the backbones: read the frames the features came from
+            source = (val_set.manifest.get("source") or {}).get("url")
+            if not source:
+                raise ConfigError(f"{val_set.url} holds features without a record of their frame shards: pass --data.val FRAMES")
+            print(f"{val_set.url} holds features; evaluating on the frame shards they came from: {source}")
+            val_set = ShardSet.open(resolve_data_url(source))
         sampling = Sampling.of(cfg.data, val_set, args.temporal_views, args.spatial_crops)
         if cfg.data.decode == "gpu" and sampling.views > 1:
             raise ConfigError("several views per clip are cut on the CPU: add --data.decode cpu")
@@ -301,11 +314,14 @@ def main(argv: list[str] | None = None) -> int:
                         device=ranks.device, temporal_views=sampling.temporal_views, spatial_crops=sampling.spatial_crops)
     keep = math.ceil(args.attention / 2)
     picture_view = sampling.spatial_crops // 2  # first temporal view, centre crop
+    failure = None
     try:
         part = evaluate_batches(model, loader, views=sampling.views, picture_view=picture_view, keep=keep, device=ranks.device,
-                                progress=ranks.is_main)
-    except storage.StorageError as error:
-        print(f"launch/evaluate.py: error: {error}", file=sys.stderr)
+                                feature_every=max(1, math.ceil(val_set.num_samples / FEATURE_CLIPS)), progress=ranks.is_main)
+    except (storage.StorageError, RuntimeError) as error:  # the loader's: storage gone, data unreadable
+        failure, part = str(error), Results()
+    if distributed.any_rank(failure is not None):  # every rank stops together, none waits in the gather
+        print(f"launch/evaluate.py: error: {failure or 'the loader failed on another rank'}", file=sys.stderr)
         distributed.shutdown()
         return 2
     parts = distributed.gather_on_main(part)

@@ -56,7 +56,7 @@ def plot_curves(metrics_path: Path, out: Path) -> Path:
     """``out``: four panels against steps: loss, top-1/top-5, learning rate, clips/s."""
     rows = read_metrics(metrics_path)
     train = [r for r in rows if "loss" in r]
-    val = [r for r in rows if "val_top1" in r]
+    val = [r for r in rows if "val_top1" in r and r.get("val_complete", 1)]  # incomplete passes are not the figure
     plt = _pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     (loss_axis, top_axis), (lr_axis, speed_axis) = axes
@@ -166,7 +166,7 @@ def plot_attention(frames: np.ndarray, attention: dict[str, np.ndarray], out: Pa
         axis.set_axis_off()
         axis.set_title(f"frame {index}", fontsize=8)
     for row, (name, weights) in enumerate(directions):
-        # every map as [frames, motion segments]
+        # every cross-attention map as [frames, motion segments]; self-attention as [query, key]
         maps = weights if name != "motion_queries_semantic" else np.swapaxes(weights, -1, -2)
         mean = maps.mean(axis=0)
         # each query's weights sum to 1 over its keys: uniform attention is 1 / keys
@@ -174,8 +174,13 @@ def plot_attention(frames: np.ndarray, attention: dict[str, np.ndarray], out: Pa
         axis = figure.add_subplot(grid[1 + 2 * row, :])
         # the colours span this map's own range, so that structure shows even when weak
         image = axis.imshow(mean.T, aspect="auto", cmap="magma", interpolation="nearest")
-        queries = "each frame over the motion segments" if name == "semantic_queries_motion" else "each motion segment over the frames"
-        axis.set(xlabel="frame", ylabel="motion segment",
+        if name.endswith("self"):
+            queries, x_label, y_label = "each time step over the others", "time step (query)", "time step (key)"
+        elif name == "semantic_queries_motion":
+            queries, x_label, y_label = "each frame over the motion segments", "frame", "motion segment"
+        else:
+            queries, x_label, y_label = "each motion segment over the frames", "frame", "motion segment"
+        axis.set(xlabel=x_label, ylabel=y_label,
                  title=f"{name.replace('_', ' ')} ({queries}): mean over {heads} heads; uniform = {uniform:.3f}")
         axis.set_xticks(range(mean.shape[0]))
         axis.set_yticks(range(mean.shape[1]))

@@ -34,11 +34,8 @@ from launch.evaluate import TOP_K, classify
 from launch.train import RunConfig
 from launch.trained import build_trained_model, load_trained, tool_parser, trained_config
 from sharding.annotations import ClipEntry
-from sharding.make_shards import ClipTask, PackOptions, pack_clip
+from sharding.make_shards import DEFAULT_JPEG_QUALITY, DEFAULT_SHORT_SIDE, ClipTask, PackOptions, pack_clip
 from sharding.ssv2 import TEMPLATES
-
-# What make_shards uses when the checkpoint does not say (a head.pt from before it did)
-DEFAULT_SHORT_SIDE, DEFAULT_JPEG_QUALITY = 240, 90
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 def predict_file(path: Path, model: Any, cfg: RunConfig, shards: dict[str, Any], sampling: Sampling, templates: list[str],
                  device: torch.device) -> dict[str, Any]:
     """``{"file", "top5": [{"id", "template", "probability"}]}`` or ``{"file", "error", "reason"}``."""
-    options = PackOptions(frames=sampling.stored, short_side=int(shards.get("short_side") or DEFAULT_SHORT_SIDE), upscale=False,
+    # as the training shards were made (make_shards' defaults for a head.pt that does not say)
+    options = PackOptions(frames=sampling.stored, short_side=int(shards.get("short_side") or DEFAULT_SHORT_SIDE),
+                          upscale=bool(shards.get("upscale", False)),
                           jpeg_quality=int(shards.get("jpeg_quality") or DEFAULT_JPEG_QUALITY))
     sample, reject = pack_clip(ClipTask(ClipEntry(id=path.stem), None, str(path)), options)
     if sample is None:

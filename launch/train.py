@@ -13,7 +13,10 @@ Batch sizes, optimizer and schedule live in ``ds.json``; ``"auto"`` schedule len
 filled from the manifest (see :mod:`launch.distributed`). ``--help`` lists every config key.
 
 The frozen backbones are plain modules on the device (bf16 on GPUs, fp32 on CPU); DeepSpeed
-wraps only the head. ``--out`` receives ``checkpoints/``, ``metrics.jsonl``, TensorBoard
+wraps only the head. ``data.train``/``data.val`` may instead be **feature shards** written by
+``launch/extract_features.py`` (their manifest says so): then the backbones are never run, the
+head trains on the cached features, and a manifest made by another model or loader config is
+refused with the differences named. ``--out`` receives ``checkpoints/``, ``metrics.jsonl``, TensorBoard
 events, the resolved configs and, at the end, ``head.pt`` (fp32 head weights + model config).
 
 Resume: a checkpoint stores the data position (epoch, micro-batches done in it); the data
@@ -53,6 +56,7 @@ from tqdm import tqdm
 from launch import distributed  # first: sets DeepSpeed's environment before anything imports it
 from fusion.backbones.weights import RandomWeightsWarning, WeightsError
 from fusion.config import ConfigError, load, option, render_help, to_dict
+from fusion.features import check_compatible, expected_record
 from fusion.data import ERROR_KEYS, DataConfig, Loader, Sampling, ShardSet, batches_per_rank, train_loader, val_loader
 from fusion.model import FusionClassifier, ModelConfig, build_model, format_report, parameter_report
 from launch.distributed import BatchPlan, Ranks
@@ -164,6 +168,10 @@ def resolve_data_url(url: str) -> str:
 def open_data(cfg: RunConfig) -> tuple[ShardSet, ShardSet]:
     """Both shard sets, with their class counts checked against the model's."""
     train_set, val_set = ShardSet.open(cfg.data.train), ShardSet.open(cfg.data.val)
+    if train_set.is_features != val_set.is_features:
+        kinds = {True: "feature shards", False: "frame shards"}
+        raise ConfigError(f"data.train {train_set.url} holds {kinds[train_set.is_features]} and data.val {val_set.url} "
+                          f"{kinds[val_set.is_features]}: use one kind for both (launch/extract_features.py makes features)")
     for name, shards in (("data.train", train_set), ("data.val", val_set)):
         if shards.num_classes != cfg.model.num_classes:
             raise ConfigError(
@@ -172,6 +180,8 @@ def open_data(cfg: RunConfig) -> tuple[ShardSet, ShardSet]:
             )
     if cfg.data.flip:
         train_set.check_flip_labels()
+    if train_set.is_features:
+        return train_set, val_set  # what made them is checked against the model (check_features)
     train_sampling, val_sampling = Sampling.of(cfg.data, train_set), Sampling.of(cfg.data, val_set)
     if train_sampling.frames != val_sampling.frames:
         raise ConfigError(f"data.train holds {train_set.frames} frames per clip, data.val {val_set.frames}, and data.frames is 0 "
@@ -180,6 +190,15 @@ def open_data(cfg: RunConfig) -> tuple[ShardSet, ShardSet]:
         print(f"warning: {val_set.url} lacks {val_set.manifest['num_rejected']} clip(s) of its split that could not be packed "
               "(its rejects.jsonl): validation figures are not comparable with published ones", file=sys.stderr)
     return train_set, val_set
+
+
+def check_features(cfg: RunConfig, model: FusionClassifier, *shard_sets: ShardSet) -> None:
+    """Feature shards must come from the backbones, weights, frames and crop of this config."""
+    frames = cfg.data.frames or shard_sets[0].frames
+    expected = expected_record(cfg.model, frames, cfg.data.crop_size, model.backbones.semantic.out_dim,
+                               model.backbones.motion.out_dim, cfg.train.seed)
+    for shards in shard_sets:
+        check_compatible(shards.manifest, f"{shards.url}/manifest.json", expected)
 
 
 def steps_per_epoch(train_set: ShardSet, plan: BatchPlan) -> int:
@@ -342,12 +361,24 @@ class Run:
                 "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed, "train_samples": self.train_set.num_samples}
 
 
+def batch_features(run: Run, batch: dict[str, Any], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(semantic [B, T, Ds], motion [B, T', Dm]) fp32 on the device, without gradients: the
+    frozen backbones' forward pass, or the cached features of feature shards; ``rows`` selects."""
+    device = run.ranks.device
+    if "semantic" in batch:
+        semantic, motion = batch["semantic"], batch["motion"]
+        if rows is not None:
+            semantic, motion = semantic[rows.cpu()], motion[rows.cpu()]
+        return semantic.to(device, non_blocking=True), motion.to(device, non_blocking=True)
+    clips = batch["clips"].to(device, non_blocking=True)
+    return run.model.features(clips if rows is None else clips[rows])
+
+
 def train_micro_batch(run: Run, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward the frozen backbones, then forward/backward/step the head; (loss, logits, labels)."""
     torch.manual_seed(seed)
-    clips = batch["clips"].to(run.ranks.device, non_blocking=True)
     labels = batch["labels"].to(run.ranks.device, non_blocking=True)
-    semantic, motion = run.model.features(clips)  # (B, T, Ds), (B, T', Dm), fp32, no grad
+    semantic, motion = batch_features(run, batch)
     dtype = next(run.engine.module.parameters()).dtype  # bf16 when ds.json's bf16 is on
     logits = run.engine(semantic.to(dtype), motion.to(dtype)).float()
     # A sum over max(1, B) rather than a mean: a batch emptied by undecodable clips (possible
@@ -372,28 +403,34 @@ def validate(run: Run, epoch: int) -> dict[str, float]:
     head.eval()
     dtype = next(head.parameters()).dtype
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*B, top-1, top-5, clips
-    seen, storage_failure = 0, None
+    seen, failure = 0, None
     batch_size = run.cfg.train.val_batch_size or run.plan.micro
     loader = val_loader(run.cfg.data, run.val_set, batch_size=batch_size, rank=run.ranks.rank, world_size=run.ranks.world_size, device=device)
-    try:
-        for batch in tqdm(loader, desc="validate", leave=False, disable=not run.ranks.is_main):
-            seen += len(batch["keys"])
-            labels = batch["labels"].to(device)
-            labelled = labels >= 0
-            if not labelled.any():
-                continue
-            semantic, motion = run.model.features(batch["clips"].to(device)[labelled])
-            labels = labels[labelled]
-            logits = head(semantic.to(dtype), motion.to(dtype)).float()
-            top1, top5 = topk_correct(logits, labels)
-            loss = F.cross_entropy(logits, labels, reduction="sum")
-            sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
-    except storage.StorageUnavailable as error:
-        storage_failure = str(error)  # every rank still joins the sums below
+    batches = iter(tqdm(loader, desc="validate", leave=False, disable=not run.ranks.is_main))
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (storage.StorageError, RuntimeError) as error:  # the loader's: storage gone, data unreadable
+            failure = str(error)  # every rank still joins the sums below
+            break
+        seen += len(batch["keys"])
+        labels = batch["labels"].to(device)
+        labelled = labels >= 0
+        if not labelled.any():
+            continue
+        semantic, motion = batch_features(run, batch, labelled)
+        labels = labels[labelled]
+        logits = head(semantic.to(dtype), motion.to(dtype)).float()
+        top1, top5 = topk_correct(logits, labels)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        sums += torch.stack([loss.double(), top1.double(), top5.double(), torch.tensor(float(len(labels)), dtype=torch.float64, device=device)])
+    del batches
     head.train()
     record_data_errors(run, "val_data", epoch, loader)
     loss_sum, top1, top5, clips = distributed.all_reduce_sum(sums).tolist()
-    seen_all, failed = distributed.sum_on_host([float(seen), float(storage_failure is not None)])
+    seen_all, failed = distributed.sum_on_host([float(seen), float(failure is not None)])
     expected = run.val_set.num_samples
     complete = seen_all == expected and not failed
     if clips == 0 and complete:
@@ -406,9 +443,9 @@ def validate(run: Run, epoch: int) -> dict[str, float]:
     if complete:
         run.log(f"validation after step {run.step} (epoch {epoch}): {summary}")
     else:
-        cause = f"storage unreachable ({storage_failure})" if storage_failure else "see the skipped samples and shards above"
-        if failed and not storage_failure:
-            cause = "storage unreachable on another rank"
+        cause = f"the loader failed: {failure}" if failure else "see the skipped samples and shards above"
+        if failed and not failure:
+            cause = "the loader failed on another rank"
         run.log(f"warning: validation after step {run.step} (epoch {epoch}) is INCOMPLETE, {int(expected - seen_all)} of {expected} "
                 f"clips missing ({cause}); not comparable with a full pass: {summary}")
     run.last_validated = run.step
@@ -426,8 +463,14 @@ def record_data_errors(run: Run, group: str, epoch: int, loader: Loader) -> None
 
 
 def shard_info(shards: ShardSet) -> dict[str, Any]:
-    """What the evaluation tools need to read clips as training did (kept with the weights)."""
-    return {key: shards.manifest.get(key) for key in ("frames", "short_side", "jpeg_quality", "templates")}
+    """What the evaluation tools need to read clips as training did (kept with the weights):
+    for feature shards, the frame shards they came from and the seed of their backbones."""
+    if shards.is_features:
+        source, made = shards.manifest.get("source") or {}, shards.manifest["features"]
+        info = {key: source.get(key) for key in ("frames", "short_side", "jpeg_quality", "upscale")}
+        return {**info, "templates": shards.manifest.get("templates"), "backbone_seed": made.get("seed")}
+    info = {key: shards.manifest.get(key) for key in ("frames", "short_side", "jpeg_quality", "templates")}
+    return {**info, "upscale": bool((shards.manifest.get("args") or {}).get("upscale", False))}
 
 
 def checkpoint(run: Run, position: Position) -> None:
@@ -447,7 +490,8 @@ def stop_for_data(run: Run, position: Position, reason: str) -> None:
     """Checkpoint where every rank stands (a collective) and raise :class:`DataStop`."""
     if run.last_saved != run.step:  # the same step twice would rewrite a good checkpoint
         checkpoint(run, position)
-    where = f"{run.out / distributed.CHECKPOINTS / distributed.latest_tag(run.out)}" if distributed.latest_tag(run.out) else "none"
+    tag = distributed.latest_tag(run.out)
+    where = run.out / distributed.CHECKPOINTS / tag if tag else "none"
     raise DataStop(f"{reason}. Stopped at step {run.step} (epoch {position.epoch}, micro-batch {position.batch}); "
                    f"checkpoint: {where}. Fix the cause, then rerun the same command with --resume")
 
@@ -463,9 +507,10 @@ class Stopped(RuntimeError):
 
 class StopSignals:
     """SIGTERM and SIGUSR1 only raise a flag here; the loop reads it at its next micro-batch
-    (with every rank, see :func:`fit`), checkpoints and stops. Loader workers, forked from
-    this process, inherit the same harmless handler, so a signal sent to every process of a
-    job (as Slurm does) does not kill them before the checkpoint."""
+    (with every rank, see :func:`fit`), checkpoints and stops. A signal during validation or a
+    checkpoint is acted on at the next micro-batch. Loader workers (and their forkserver) keep
+    both signals blocked, so a signal sent to every process of a job, as Slurm does, does not
+    kill them before the checkpoint (:func:`fusion.data.worker_context`)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -490,6 +535,11 @@ def stop_for_signal(run: Run, position: Position) -> None:
     # the ranks may have seen different signals (or one rank none): SIGUSR1 anywhere means the warning
     warned = distributed.sum_on_host([float(run.stop.signal == signal.SIGUSR1)])[0] > 0
     number = signal.SIGUSR1 if warned else signal.SIGTERM
+    if warned:
+        # before any rank exits: under srun --kill-on-bad-exit a rank that exits first could end
+        # the job before rank 0 has requeued it
+        requeue_slurm_job(run)
+        distributed.sum_on_host([0.0])  # every rank waits for it
     name = signal.Signals(number).name
     tag = distributed.latest_tag(run.out)
     raise Stopped(f"{name} received: stopped at step {run.step} (epoch {position.epoch}, micro-batch {position.batch}) after "
@@ -569,7 +619,7 @@ def fit(run: Run, position: Position) -> None:
                 with meter.waiting():
                     try:
                         batch = next(batches)
-                    except storage.StorageError as error:
+                    except (storage.StorageError, RuntimeError) as error:  # the loader's: storage gone, data unreadable
                         failure = str(error)
                 # one vote a micro-batch, on the CPU: did every rank get its batch, and has any
                 # been asked to stop (preemption)? So all ranks take the same turn.
@@ -577,7 +627,7 @@ def fit(run: Run, position: Position) -> None:
                 if failed:
                     del batches  # stop this epoch's loader workers
                     stop_for_data(run, Position(epoch, index - index % run.plan.accumulation),
-                                  f"training data unreachable: {failure or 'storage failed on another rank'}")
+                                  f"training data unreachable: {failure or 'the loader failed on another rank'}")
                 if signalled and index % run.plan.accumulation == 0:
                     del batches
                     stop_for_signal(run, Position(epoch, index))
@@ -680,8 +730,11 @@ def setup(args: argparse.Namespace, cfg: RunConfig) -> tuple[Run, Position]:
         f"{plan.accumulation} accumulation x {world_size} = {plan.global_batch} clips per step; {per_epoch} steps per epoch, {steps} in all")
     say(f"data: {train_set.num_samples} training clips at {cfg.data.train}, {val_set.num_samples} validation clips at {cfg.data.val}")
 
-    torch.manual_seed(cfg.train.seed)  # the same head initialisation on every rank
-    model = build_model(cfg.model, ranks.device)
+    # the same head initialisation on every rank, and the same from features as from frames
+    model = build_model(cfg.model, ranks.device, seed=cfg.train.seed, frozen_on_meta=train_set.is_features)
+    if train_set.is_features:
+        check_features(cfg, model, train_set, val_set)
+        say(f"feature shards: the backbones are not run ({train_set.feature_spec.views} view(s) per training clip)")
     say(format_report(parameter_report(model)))
     engine = distributed.wrap_head(model.head, ds_config, log=say)
     if main_rank:
@@ -790,11 +843,12 @@ def main(argv: list[str] | None = None) -> int:
         if run.ranks.is_main:
             from launch.plot import plot_curves
 
-            run.log(f"training curves: {plot_curves(run.out / 'metrics.jsonl', run.out / 'curves.png')}")
+            try:
+                run.log(f"training curves: {plot_curves(run.out / 'metrics.jsonl', run.out / 'curves.png')}")
+            except Exception as error:  # a picture must not turn a finished run into a failed one
+                run.log(f"warning: could not draw {run.out / 'curves.png'}: {type(error).__name__}: {error}")
     except Stopped as error:
         say_stopped(run, error)
-        if error.signal == signal.SIGUSR1:
-            requeue_slurm_job(run)
         return 128 + error.signal
     except DataStop as error:
         say_stopped(run, error)

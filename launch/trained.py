@@ -60,6 +60,8 @@ def _from_checkpoint(folder: Path) -> TrainedHead:
     if not states.is_file():
         raise ConfigError(f"--checkpoint {folder} holds no mp_rank_00_model_states.pt: not a complete checkpoint")
     client = torch.load(states, map_location="cpu", weights_only=False)
+    if "config" not in client:
+        raise ConfigError(f"--checkpoint {folder} was not written by launch/train.py (it holds no run config)")
     with contextlib.redirect_stdout(io.StringIO()):  # it narrates every step on stdout
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     return TrainedHead(folder, int(client.get("global_steps", 0)), client["config"], client.get("shards") or {},
@@ -103,14 +105,15 @@ def trained_config(cls: type, trained: TrainedHead, argv: list[str]) -> tuple[An
 def build_trained_model(trained: TrainedHead, model_cfg: Any, device: torch.device | str, seed: int = 0):
     """The frozen backbones of ``model_cfg`` and the trained head, in eval mode on ``device``.
 
-    ``seed`` is the run's ``train.seed``: training seeds torch with it before building the
-    model, so a backbone without a weight file (random: tests, the demo) comes out the same
-    here as the one the head was trained on.
+    ``seed`` is the run's ``train.seed``: training builds its backbones from it, so a backbone
+    without a weight file (random: tests, the demo) comes out the same here as the one the head
+    was trained on. A head trained from feature shards saw the backbones of the extraction's
+    seed instead (its ``shards`` record says which), and gets those.
     """
     from fusion.model import build_model
 
-    torch.manual_seed(seed)
-    model = build_model(model_cfg, device)
+    seed = int(trained.shards.get("backbone_seed", seed))
+    model = build_model(model_cfg, device, seed=seed)
     missing, unexpected = model.head.load_state_dict(trained.state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"the head in {trained.source} does not fit model config: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -66,6 +66,9 @@ REJECTS_NAME = "rejects.jsonl"
 TAR_MTIME = 0
 TAR_OWNER = "ssv2"
 
+# What a clip becomes unless told otherwise (launch/predict.py reads videos the same way).
+DEFAULT_FRAMES, DEFAULT_SHORT_SIDE, DEFAULT_JPEG_QUALITY = 32, 240, 90
+
 # 1: nothing packed, --strict with rejects, or a crashed worker; 2: unusable input or store.
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -146,12 +149,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", help="folder of the label files, either naming (default: the first of ROOT/labels, "
                         "ROOT/annotations, ROOT that holds them)")
     parser.add_argument("--videos", help="video folder (default: ROOT/20bn-something-something-v2)")
-    parser.add_argument("--frames", type=int, default=32,
-                        help="frames stored per clip, T_s (default 32: the model's 16 are drawn from them, one per pair, "
-                             "at random in training and as 2 temporal views in evaluation; see data.frames)")
-    parser.add_argument("--short-side", type=int, default=240, help="resize the short side to this (default 240)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                        help=f"frames stored per clip, T_s (default {DEFAULT_FRAMES}: the model's 16 are drawn from them, one per "
+                             "pair, at random in training and as 2 temporal views in evaluation; see data.frames)")
+    parser.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE,
+                        help=f"resize the short side to this (default {DEFAULT_SHORT_SIDE})")
     parser.add_argument("--upscale", action="store_true", help="also enlarge clips smaller than --short-side")
-    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    parser.add_argument("--jpeg-quality", type=int, default=DEFAULT_JPEG_QUALITY,
+                        help=f"JPEG quality 1-100 (default {DEFAULT_JPEG_QUALITY})")
     parser.add_argument("--shard-size", type=int, default=256, help="input clips per shard (default 256)")
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     parser.add_argument("--limit", type=int, default=None, help="pack only the first N clips of the split")

@@ -183,12 +183,7 @@ def read_bytes(url: str | os.PathLike) -> bytes:
 
 def open_stream(url: str | os.PathLike) -> BinaryIO:
     """A readable binary file object: a local file, or an S3 object streamed as it is read."""
-    url = str(url)
-    if not is_s3_url(url):
-        return open(url, "rb")
-    bucket, key = split_s3_url(url)
-    with _s3_errors(url):
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    return open_sized(url)[0]
 
 
 def open_sized(url: str | os.PathLike) -> tuple[BinaryIO, int]:

@@ -1,13 +1,26 @@
 """A small synthetic Something-Something-V2, written in SSv2's exact on-disk layout, whose
-classes can only be told apart by motion.
+classes are decided by motion, and for some of them by motion and appearance together.
 
 Why: SSv2 cannot be downloaded here, and a stand-in that a model could solve from single
 frames (colour, shape, background) would prove nothing about the motion stream. So every
 clip shows one textured object over a textured background, both drawn from the seeded RNG
-independently of the class, and the class decides only how things move over time: the object
-translates (pushing, moving up/down), grows or shrinks (towards/away from the camera), the
-whole scene pans or zooms (camera turning, approaching), the object spins in place, or it is
-held nearly still.
+independently of the class. For most templates the class decides only how things move over
+time: the object translates (pushing, moving up/down), grows or shrinks (towards/away from
+the camera), the whole scene pans or zooms (camera turning, approaching), the object spins in
+place, or it is held nearly still.
+
+SSv2 also has classes that need to know what an object is as well as how it moves
+("Putting something into something" vs "Putting something behind something"), and a fusion of
+an appearance stream with a motion stream should show its worth on those. So four templates
+form a 2 x 2 of receptacle kind x direction: the scene holds a receptacle, either an open
+container (cup, jar: a dark opening inside its rim) or an upright board (book, folder: a
+closed top), and the object comes down from above the frame into it / behind it (putting) or
+goes up out of it / from behind it and leaves the frame (taking). The object's path is the
+same for both kinds and a taking clip is exactly a putting clip played backwards, so the
+motion alone does not say which receptacle it is; the receptacle's kind is in every frame,
+but the first and last frames are the same picture (the object is out of the frame or hidden
+by the receptacle's front), so no single frame says which way the object went. Only
+up/down motion: these classes do not change under a horizontal flip.
 
 Layout written under ``out`` (the same as the unpacked dataset)::
 
@@ -51,16 +64,19 @@ SPLITS = ("train", "validation", "test")
 # Widths seen in SSv2 at 240 px height (4:3, 352x240 and 16:9); the width says nothing of the class.
 WIDTHS = (320, 352, 427)
 
-MotionKind = Literal["translate", "scale", "pan", "zoom", "spin", "spin_stop", "still", "pair"]
+MotionKind = Literal["translate", "scale", "pan", "zoom", "spin", "spin_stop", "still", "pair", "receptacle"]
+ReceptacleKind = Literal["container", "board"]
 
 
 @dataclass(frozen=True)
 class Motion:
     """How a template is rendered. ``direction`` is the on-screen direction of the object
-    (translate), of the scene content (pan), or +1/-1 for grow/shrink, apart/closer."""
+    (translate, receptacle), of the scene content (pan), or +1/-1 for grow/shrink, apart/closer.
+    ``receptacle`` is the kind of receptacle the object goes into or behind (kind "receptacle")."""
 
     kind: MotionKind
     direction: tuple[float, float] = (0.0, 0.0)
+    receptacle: ReceptacleKind | None = None
 
 
 # Templates this generator can render, by SSv2 label id. Image y grows downwards. Turning the
@@ -83,11 +99,19 @@ MOTIONS: dict[int, Motion] = {
     166: Motion("pan", (1.0, 0.0)),  # Turning the camera left while filming something
     167: Motion("pan", (-1.0, 0.0)),  # Turning the camera right while filming something
     168: Motion("pan", (0.0, 1.0)),  # Turning the camera upwards while filming something
+    # Receptacle kind x direction: the object comes down from above the frame into an open
+    # container / behind an upright board, or (taking) the same played backwards.
+    104: Motion("receptacle", (0.0, 1.0), "board"),  # Putting something behind something
+    106: Motion("receptacle", (0.0, 1.0), "container"),  # Putting something into something
+    147: Motion("receptacle", (0.0, -1.0), "board"),  # Taking something from somewhere
+    148: Motion("receptacle", (0.0, -1.0), "container"),  # Taking something out of something
 }
 
-DEFAULT_CLASSES: tuple[int, ...] = (93, 94, 45, 43, 44, 41, 166, 167, 139, 16)
-"""Ten templates told apart only by motion: left/right, up/down, towards/away, camera
-left/right, spinning, holding still."""
+DEFAULT_CLASSES: tuple[int, ...] = (93, 94, 45, 43, 44, 41, 166, 167, 106, 148, 104, 147)
+"""Twelve templates. Eight are told apart by motion alone: left/right, up/down,
+towards/away, camera left/right. Four need motion and appearance together: into / out of a
+container, behind / from behind a board (up/down motion, a receptacle in every frame, see the
+module docstring); with up/down they make three classes of downward and three of upward motion."""
 
 DEFAULT_TRAIN_PER_CLASS = 20
 DEFAULT_VAL_PER_CLASS = 5
@@ -107,6 +131,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "brown": (125, 75, 35),
     "grey": (130, 130, 130),
     "cyan": (45, 190, 205),
+}
+# Receptacle kind -> nouns for its placeholder ("blue cup"); which one is an appearance draw.
+RECEPTACLE_NOUNS: dict[str, tuple[str, ...]] = {
+    "container": ("cup", "mug", "jar", "bucket", "pot"),
+    "board": ("book", "board", "folder", "tablet", "frame"),
 }
 # Shape -> the noun used in the placeholder.
 SHAPES: dict[str, str] = {
@@ -159,9 +188,10 @@ def resolve_classes(classes: Sequence[int | str] | None) -> tuple[int, ...]:
 def bracketed_template(label: int) -> str:
     """The template as train.json spells it, e.g. ``"Pushing [something] from left to right"``.
 
-    Exact for every template in :data:`MOTIONS` (their only placeholder word is "something").
+    Exact for every template in :data:`MOTIONS`, whose only placeholder words are "something"
+    and, in "Taking [something] from [somewhere]", "somewhere".
     """
-    return re.sub(r"\bsomething\b", "[something]", TEMPLATES[label])
+    return re.sub(r"\b(something|somewhere)\b", r"[\1]", TEMPLATES[label])
 
 
 @dataclass(frozen=True)
@@ -307,17 +337,66 @@ def draw_backdrop(rng: np.random.Generator, objects: Sequence[ObjectLook]) -> Ba
     )
 
 
-def draw_appearance(plan: ClipPlan) -> tuple[list[ObjectLook], Backdrop]:
-    """Two objects (the second is used by two-object templates) and the backdrop."""
+@dataclass(frozen=True)
+class Receptacle:
+    """Where a receptacle template's receptacle stands and how it looks; its kind (container or
+    board) is the class's, everything here is drawn without the class. Pixels, image y down."""
+
+    look: ObjectLook  # colours and texture: the clip's second object look
+    noun: int  # which of the kind's RECEPTACLE_NOUNS names it
+    x: float  # centre column
+    rim_y: float  # the container's rim ellipse centre row = the board's front face top row
+    width: float
+    rim: float  # the rim ellipse's half height (container); the board's top face is as tall
+    depth: float  # rows of the front face below rim_y (it may run off the frame's bottom)
+
+    def description(self, kind: ReceptacleKind) -> str:
+        nouns = RECEPTACLE_NOUNS[kind]
+        return f"{self.look.colour} {nouns[self.noun % len(nouns)]}"
+
+
+# Pixels of margin between an object's outline and the frame edge or the receptacle's front
+# wall when it is meant to be out of sight (covers the hand tremor and the soft edge).
+EDGE = 6.0
+
+
+def draw_receptacle(rng: np.random.Generator, width: int, height: int, objects: Sequence[ObjectLook]) -> Receptacle:
+    """Big enough for ``objects[0]`` to vanish behind its front, inside the frame sideways."""
+    radius = objects[0].radius
+    rim_width = radius * rng.uniform(2.8, 3.4)
+    rim = rim_width * rng.uniform(0.10, 0.15)
+    return Receptacle(
+        look=objects[1],
+        noun=int(rng.integers(len(RECEPTACLE_NOUNS["container"]))),
+        x=float(rng.uniform(0.3, 0.7) * width),
+        rim_y=float(rng.uniform(0.42, 0.58) * height),
+        width=float(rim_width),
+        rim=float(rim),
+        depth=float((2 * radius + rim + 2 * EDGE) * rng.uniform(1.05, 1.3)),
+    )
+
+
+def draw_appearance(plan: ClipPlan) -> tuple[list[ObjectLook], Backdrop, Receptacle]:
+    """Two objects (the second is used by two-object templates), the backdrop and a receptacle
+    (used by the receptacle templates, which take its colours from the second object). Drawn
+    for every clip in the same order, so none of it depends on the class."""
     rng = plan.rng("appearance")
     objects = [draw_object(rng, plan.height) for _ in range(2)]
-    return objects, draw_backdrop(rng, objects)
+    backdrop = draw_backdrop(rng, objects)
+    return objects, backdrop, draw_receptacle(rng, plan.width, plan.height, objects)
 
 
 def placeholders(plan: ClipPlan) -> list[str]:
-    """The object descriptions that fill the template's brackets, in order."""
-    objects, _ = draw_appearance(plan)
-    return [o.description for o in objects[: bracketed_template(plan.label).count("[")]]
+    """The descriptions that fill the template's brackets, in order: "red ball"; for the
+    receptacle templates also "blue cup", or "behind blue book" for "from [somewhere]"."""
+    objects, _, receptacle = draw_appearance(plan)
+    template = bracketed_template(plan.label)
+    kind = MOTIONS[plan.label].receptacle
+    if kind is None:
+        return [o.description for o in objects[: template.count("[")]]
+    where = receptacle.description(kind)
+    # [somewhere] only occurs in "Taking [something] from [somewhere]", whose receptacle is a board.
+    return [objects[0].description, f"behind {where}" if "[somewhere]" in template else where]
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,11 +495,25 @@ def make_track(plan: ClipPlan) -> Track:
             x[:, k] = cx + side * gap * np.cos(axis)
             y[:, k] = cy + side * gap * np.sin(axis)
         scale *= 0.8
+    elif motion.kind == "receptacle":
+        # Straight down over the receptacle's centre, from wholly above the frame to wholly
+        # behind the receptacle's front (for either kind: the same path for both). Where it
+        # stands and how big it is are appearance draws, so the path says nothing of the kind.
+        objects, _, receptacle = draw_appearance(plan)
+        radius = objects[0].radius
+        top = -(radius + EDGE)
+        bottom = receptacle.rim_y + receptacle.rim + radius + EDGE
+        x[:, 0] = receptacle.x
+        y[:, 0] = top + (bottom - top) * p
     # "still" keeps the defaults: only the tremor below.
 
     x += _wobble(rng, n, 1.5)[:, None]
     y += _wobble(rng, n, 1.5)[:, None]
     angle += _wobble(rng, n, 0.04)[:, None]
+    if motion.kind == "receptacle" and dy < 0:
+        # Taking is putting played backwards, frame for frame (the same draws, reversed), so
+        # the two directions share every statistic that ignores the order of the frames.
+        x, y, angle = x[::-1].copy(), y[::-1].copy(), angle[::-1].copy()
     return Track(cam_x, cam_y, zoom, x, y, scale, angle)
 
 
@@ -480,19 +573,23 @@ def _shape_distance(shape: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return dots.max(axis=0) / np.cos(np.pi / sides)
 
 
+def _pattern_mix(o: ObjectLook, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """0/1 per pixel: where the look's pattern shows its second colour, in local coordinates."""
+    u = a * np.cos(o.pattern_angle) + b * np.sin(o.pattern_angle)
+    if o.pattern == "stripes":
+        return (np.sin(np.pi * o.pattern_freq * u) > 0).astype(np.float32)
+    if o.pattern == "halves":
+        return (u > 0).astype(np.float32)
+    if o.pattern == "checker":
+        return ((np.floor(a * o.pattern_freq) + np.floor(b * o.pattern_freq)) % 2).astype(np.float32)
+    fa, fb = (a * o.pattern_freq) % 1 - 0.5, (b * o.pattern_freq) % 1 - 0.5  # dots
+    return (fa * fa + fb * fb < 0.08).astype(np.float32)
+
+
 def _object_texture(o: ObjectLook, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The object's colours in local coordinates (never rotation-symmetric, thanks to the
     off-centre marker), with a little shading for depth. (h, w, 3) float."""
-    u = a * np.cos(o.pattern_angle) + b * np.sin(o.pattern_angle)
-    if o.pattern == "stripes":
-        mix = (np.sin(np.pi * o.pattern_freq * u) > 0).astype(np.float32)
-    elif o.pattern == "halves":
-        mix = (u > 0).astype(np.float32)
-    elif o.pattern == "checker":
-        mix = ((np.floor(a * o.pattern_freq) + np.floor(b * o.pattern_freq)) % 2).astype(np.float32)
-    else:  # dots
-        fa, fb = (a * o.pattern_freq) % 1 - 0.5, (b * o.pattern_freq) % 1 - 0.5
-        mix = (fa * fa + fb * fb < 0.08).astype(np.float32)
+    mix = _pattern_mix(o, a, b)
     rgb = o.rgb * (1 - mix[..., None]) + o.second_rgb * mix[..., None]
     marker = np.hypot(a - 0.42, b + 0.3) < 0.22
     rgb = np.where(marker[..., None], o.marker_rgb, rgb)
@@ -520,16 +617,84 @@ def _draw_object(frame: np.ndarray, o: ObjectLook, u: float, v: float, radius: f
     patch += alpha * _object_texture(o, a, b)
 
 
+@dataclass(frozen=True)
+class Layer:
+    """A picture composited over frames at rows ``v0:``, columns ``u0:`` (``alpha`` and ``rgb``
+    give its size)."""
+
+    v0: int
+    u0: int
+    alpha: np.ndarray  # (h, w, 1) float
+    rgb: np.ndarray  # (h, w, 3) float
+
+    def over(self, frame: np.ndarray) -> None:
+        h, w = self.alpha.shape[:2]
+        patch = frame[self.v0 : self.v0 + h, self.u0 : self.u0 + w]
+        patch *= 1 - self.alpha
+        patch += self.alpha * self.rgb
+
+
+def receptacle_layers(r: Receptacle, kind: ReceptacleKind, width: int, height: int) -> tuple[Layer | None, Layer]:
+    """What is drawn behind the object (a container's opening) and in front of it (the
+    container's front wall; the whole board). Both kinds fill about the same box: rows from
+    ``rim_y - rim`` to about ``rim_y + depth``, ``width`` wide."""
+    half = r.width / 2
+    u0, u1 = max(0, int(r.x - half - 2)), min(width, int(r.x + half + 3))
+    v0, v1 = max(0, int(r.rim_y - r.rim - 2)), min(height, int(r.rim_y + r.depth + r.rim + 3))
+    dx = (np.arange(u0, u1, dtype=np.float32) + 0.5 - r.x)[None, :]
+    dy = (np.arange(v0, v1, dtype=np.float32) + 0.5 - r.rim_y)[:, None]
+    mix = _pattern_mix(r.look, dx / half, dy / half)[..., None]
+    base = r.look.rgb * (1 - mix) + r.look.second_rgb * mix
+    depth = np.clip(dy / r.depth, 0.0, 1.0)
+
+    def layer(signed_distance: np.ndarray, rgb: np.ndarray) -> Layer:
+        """``signed_distance``: pixels inside the shape's edge (one-pixel soft edge)."""
+        alpha = np.clip(signed_distance + 0.5, 0.0, 1.0)[..., None].astype(np.float32)
+        return Layer(v0, u0, alpha, np.broadcast_to(rgb, alpha.shape[:2] + (3,)).astype(np.float32))
+
+    if kind == "board":
+        # An upright board seen from a little above: a light top face ``rim`` rows tall over a
+        # flat front face, with a dark line along the edge between them. Nothing behind.
+        inside = np.minimum(np.minimum(half - np.abs(dx), dy + r.rim), r.depth - dy)
+        front = base * (0.95 - 0.15 * depth)[..., None]
+        top = r.look.rgb + (250 - r.look.rgb) * 0.6
+        rgb = np.where((dy < 0)[..., None], top, front)
+        rgb = np.where((np.abs(dy) < 1.0)[..., None], rgb * 0.45, rgb)
+        return None, layer(inside, rgb)
+
+    # An open container, slightly tapered: its opening (a dark ellipse ``rim`` rows high, with
+    # the back of the rim) lies behind the object, its front wall (from the front of the rim
+    # down, curved like a cylinder's) in front of it.
+    across = np.clip(1 - (dx / half) ** 2, 0.0, 1.0)
+    opening = (1 - np.hypot(dx / half, dy / r.rim)) * r.rim
+    back_rgb = np.where((opening < 2.5)[..., None], base * 0.85, r.look.rgb * (0.16 + 0.12 * depth[..., None]) + 8)
+    wall_half = half * (1 - 0.12 * depth)
+    front_top = r.rim * np.sqrt(across)
+    bottom = r.depth + 0.9 * r.rim * np.sqrt(np.clip(1 - (dx / wall_half) ** 2, 0.0, 1.0))
+    inside = np.minimum(np.minimum(wall_half - np.abs(dx), dy - front_top), bottom - dy)
+    shade = 0.7 + 0.3 * np.clip(1 - (dx / wall_half) ** 2, 0.0, 1.0)
+    front = base * shade[..., None]
+    front = np.where((dy - front_top < 2.5)[..., None], front + (255 - front) * 0.35, front)  # the lip
+    return layer(opening, back_rgb), layer(inside, front)
+
+
 def render_clip(plan: ClipPlan) -> np.ndarray:
     """The clip's frames, uint8 (T, H, W, 3) RGB."""
-    objects, backdrop = draw_appearance(plan)
+    objects, backdrop, receptacle = draw_appearance(plan)
     track = make_track(plan)
-    n_objects = 2 if MOTIONS[plan.label].kind == "pair" else 1
+    motion = MOTIONS[plan.label]
+    n_objects = 2 if motion.kind == "pair" else 1
     w, h = plan.width, plan.height
     cols = np.arange(w, dtype=np.float32) + 0.5 - w / 2
     rows = np.arange(h, dtype=np.float32) + 0.5 - h / 2
     camera_moves = bool(np.ptp(track.cam_x) or np.ptp(track.cam_y) or np.ptp(track.zoom))
     static_background = None if camera_moves else render_backdrop(backdrop, cols + w / 2, rows + h / 2)
+    front = None
+    if motion.receptacle is not None:
+        assert static_background is not None, "a receptacle is drawn in screen coordinates: the camera must stay still"
+        back, front = receptacle_layers(receptacle, motion.receptacle, w, h)
+        if back is not None:
+            back.over(static_background)
     frames = np.empty((plan.num_frames, h, w, 3), np.uint8)
     for i in range(plan.num_frames):
         zoom = float(track.zoom[i])
@@ -545,6 +710,8 @@ def render_clip(plan: ClipPlan) -> np.ndarray:
             v = h / 2 + (track.obj_y[i, k] - track.cam_y[i]) * zoom
             radius = objects[k].radius * float(track.obj_scale[i, k]) * zoom
             _draw_object(frame, objects[k], u, v, radius, float(track.obj_angle[i, k]))
+        if front is not None:
+            front.over(frame)
         frames[i] = np.clip(frame + 0.5, 0, 255).astype(np.uint8)
     return frames
 
@@ -680,11 +847,16 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    supported = "\n".join(f"  {i:3d}  {TEMPLATES[i]}" for i in sorted(MOTIONS))
+    supported = "\n".join(
+        f"  {i:3d}  {TEMPLATES[i]}" + (f"  [{MOTIONS[i].receptacle}: motion + appearance]" if MOTIONS[i].receptacle else "")
+        for i in sorted(MOTIONS)
+    )
     parser = argparse.ArgumentParser(
         prog="python -m sharding.synthetic",
-        description="Write a small synthetic Something-Something-V2, in the real one's layout, "
-        "whose classes differ only in motion.",
+        description="Write a small synthetic Something-Something-V2, in the real one's layout.\n"
+        "Most classes differ only in motion. The receptacle ones (into / out of a container,\n"
+        "behind / from behind a board) need motion and the receptacle's look together: the\n"
+        "object moves the same way for both kinds, and no single frame shows which way it went.",
         epilog=f"templates with a synthetic motion (use the id or the text):\n{supported}",
         formatter_class=_HelpFormatter,
     )

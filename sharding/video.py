@@ -243,9 +243,12 @@ def _decode_sampled(path: str, frames: int, short_side: int, upscale: bool, thre
 
 def clockwise_rotation(frame: av.VideoFrame) -> int:
     """How far to turn ``frame`` clockwise so that it stands as the file says it is shown
-    (0, 90, 180 or 270), from the display matrix PyAV reports (counter-clockwise degrees);
-    like ffmpeg's autorotate, angles between quarter turns go to the nearest one."""
-    return int(round(-float(frame.rotation or 0) / 90.0)) % 4 * 90
+    (0, 90, 180 or 270), from the display matrix PyAV reports (counter-clockwise degrees).
+    Like ffmpeg's autorotate, only an angle within a degree of a quarter turn is applied;
+    any other is left alone (0)."""
+    clockwise = -float(frame.rotation or 0) % 360.0
+    quarter = round(clockwise / 90.0)
+    return quarter % 4 * 90 if abs(clockwise - 90.0 * quarter) <= 1.0 else 0
 
 
 def encode_jpeg(frame: np.ndarray, quality: int) -> bytes:

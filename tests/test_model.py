@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,17 +46,23 @@ def random_clips(batch: int = 2, frames: int = 8, size: int = 64, seed: int = 0)
 
 
 def check_attention(attention: dict[str, list[torch.Tensor]], cfg: ModelConfig, batch: int, frames: int, segments: int) -> None:
-    """Per layer and direction one [B, heads, Tq, Tk] tensor whose rows are distributions."""
+    """Per layer and direction [B, heads, Tq, Tk] tensors whose rows are distributions: the
+    within-stream blocks of every variant, the cross-attention of xattn's fusion blocks."""
+    two_streams = {"semantic_self": ((batch, cfg.heads, frames, frames), 1),
+                   "motion_self": ((batch, cfg.heads, segments, segments), 1)}
     shapes = {
-        "xattn": {
-            "semantic_queries_motion": (batch, cfg.heads, frames, segments),
-            "motion_queries_semantic": (batch, cfg.heads, segments, frames),
-        },
-        "motion_only": {"self": (batch, cfg.heads, segments, segments)},
-    }.get(cfg.fusion, {"self": (batch, cfg.heads, frames, frames)})
+        "xattn": {**two_streams,
+                  "semantic_queries_motion": ((batch, cfg.heads, frames, segments), 1),
+                  "motion_queries_semantic": ((batch, cfg.heads, segments, frames), 1)},
+        "concat": two_streams,
+        "elementwise": two_streams,
+        # a single stream's fusion block is a second self-attention: two maps per layer
+        "semantic_only": {"self": ((batch, cfg.heads, frames, frames), 2)},
+        "motion_only": {"self": ((batch, cfg.heads, segments, segments), 2)},
+    }[cfg.fusion]
     assert set(attention) == set(shapes)
-    for direction, shape in shapes.items():
-        assert len(attention[direction]) == cfg.layers
+    for direction, (shape, per_layer) in shapes.items():
+        assert len(attention[direction]) == per_layer * cfg.layers
         for weights in attention[direction]:
             assert weights.shape == shape
             assert (weights >= 0).all()
@@ -260,7 +267,7 @@ def test_full_default_trains_under_20m_parameters_and_the_report_adds_up(full_de
     assert rows["backbones.semantic"]["trainable"] == rows["backbones.motion"]["trainable"] == 0
     assert rows["head"]["frozen"] == 0
     sub_modules = [row for name, row in rows.items() if name.startswith("head.")]
-    assert {"head.semantic_proj", "head.motion_proj", "head.layers", "head.classifier"} <= set(rows)
+    assert {"head.semantic_proj", "head.motion_proj", "head.semantic_layers", "head.motion_layers", "head.classifier"} <= set(rows)
     assert sum(row["total"] for row in sub_modules) == rows["head"]["total"]
     assert report["trainable_percent"] == pytest.approx(100 * head / (head + backbones), abs=1e-3)
 
@@ -292,7 +299,7 @@ def test_cli_table_and_overrides(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", str(CONFIGS / "debug.yaml"), "--model.fusion", "concat", "--model.heads", "4"]) == 0
     table = capsys.readouterr().out
     assert "fusion head (concat)" in table
-    for label in ("semantic backbone (dinov2_vits14)", "motion backbone (i3d_r50)", "  combine", "all"):
+    for label in ("semantic backbone (dinov2_vits14)", "motion backbone (i3d_r50)", "  semantic_layers", "all"):
         assert label in table
 
 
@@ -322,3 +329,32 @@ def test_cli_help_lists_every_model_key(capsys: pytest.CaptureFixture[str]) -> N
     assert {"--model.semantic.name", "--model.motion.weights", "--model.heads", "--model.fusion"} <= set(keys)
     missing = [key for key in keys if key + " " not in text]
     assert not missing, f"--help does not list {missing}"
+
+
+def test_variants_share_everything_but_the_fusion_operator() -> None:
+    """An ablation changes one thing: the two-stream variants have the same parameters (names
+    and shapes) outside the fusion blocks' operators, and a single stream is exactly one of
+    the two-stream heads' streams with the operator replaced by a second self-attention."""
+
+    def shapes(fusion: str) -> dict[str, tuple[int, ...]]:
+        torch.manual_seed(0)
+        head = build_model(model_config(fusion=fusion, layers=2)).head
+        return {name: tuple(param.shape) for name, param in head.named_parameters()}
+
+    heads = {fusion: shapes(fusion) for fusion in FUSIONS}
+    outside = {fusion: {k: v for k, v in params.items() if ".fuse.op." not in k} for fusion, params in heads.items()}
+    assert outside["xattn"] == outside["concat"] == outside["elementwise"]
+    assert any(".fuse.op." in name for name in heads["concat"])
+    # the operators: attention 4 dim^2 per direction, the per-step mixes 3 dim^2
+    dim = model_config().dim
+
+    def operator_weights(fusion: str) -> int:
+        return sum(math.prod(shape) for name, shape in heads[fusion].items() if ".fuse.op." in name and name.endswith("weight"))
+
+    per_layer_direction = 2 * 2  # layers x directions
+    assert operator_weights("xattn") == per_layer_direction * 4 * dim * dim
+    assert operator_weights("concat") == operator_weights("elementwise") == per_layer_direction * 3 * dim * dim
+    for single, stream in (("semantic_only", "semantic"), ("motion_only", "motion")):
+        mine = {k: v for k, v in heads[single].items() if not k.startswith("classifier")}
+        theirs = {k: v for k, v in heads["xattn"].items() if k.startswith(f"{stream}_") and ".fuse.norm_context" not in k}
+        assert mine == theirs, single

@@ -253,11 +253,3 @@ def test_killed_run_resumes_where_it_stopped(synthetic_shards, tmp_path):
     again = subprocess.run([sys.executable, "launch/train.py", *args, "--out", str(broken)], cwd=REPO, env=run_env(),
                            capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert again.returncode == 2 and "pass --resume" in again.stderr  # a finished run is not overwritten by accident
-
-
-def test_learning_check_schedule_warms_up_then_decays():
-    from launch.learning_check import warmup_cosine
-
-    factors = [warmup_cosine(step, 100, 10) for step in range(100)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0) and factors[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] < 0.01
