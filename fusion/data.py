@@ -123,9 +123,12 @@ MAX_BACKOFF_S = 15.0
 class DataConfig:
     """Where the shards are and how clips are read from them."""
 
-    train: str = option("data/synthetic/shards/train", "training shards: folder or s3://bucket/prefix with manifest.json")
-    val: str = option("data/synthetic/shards/validation", "validation shards: folder or s3://bucket/prefix with manifest.json")
-    num_workers: int = option(2, "loader worker processes per rank (0: read in the training process)")
+    train: str = option("data/synthetic/shards/train",
+                        "training shards, frames or features (launch/extract_features.py): folder or s3://bucket/prefix "
+                        "with manifest.json")
+    val: str = option("data/synthetic/shards/validation", "validation shards, of the same kind: folder or s3://bucket/prefix")
+    num_workers: int = option(2, "loader worker processes per rank (0: read in the training process; feature shards "
+                                 "need few: they are not decoded)")
     crop_size: int = option(224, "side of the square crops fed to the model, in pixels")
     frames: int = option(
         0,

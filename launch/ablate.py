@@ -279,7 +279,7 @@ def plot(rows: list[dict[str, Any]], out: Path, num_classes: int | None) -> None
     axis.set_xlabel("validation top-1 (%): mean ± std over seeds, dots = seeds")
     handles, labels = axis.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
-    axis.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    axis.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars
     axis.set_title(f"ablation over {done[0]['val_clips']} validation clips")
     axis.grid(alpha=0.3, axis="x")
     figure.savefig(out, dpi=110)
