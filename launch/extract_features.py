@@ -51,9 +51,9 @@ from fusion.config import ConfigError, load, render_help
 from fusion.data import (MANIFEST_NAME, CorruptSample, DataEvents, Sampling, Segment, ShardSet, crop_seed_text, decode_clip,
                          init_worker, read_segment, worker_context)
 from fusion.features import (FEATURES_FORMAT, MOTION_MEMBER, SEMANTIC_MEMBER, STORE_DTYPES, encode_array,
-                             expected_record)
+                             expected_record, file_sha256)
 from fusion.model import FusionClassifier, build_model, resolve_dtype
-from launch.train import CONFIGS, RunConfig, default_config_path, resolve_data_url
+from launch.train import RunConfig, default_config_path, resolve_data_url
 from sharding import storage
 from sharding.make_shards import RECORDS_SUBDIR, TAR_MTIME, TAR_OWNER
 
@@ -187,8 +187,6 @@ class FeatureShardWriter:
 
     def publish(self) -> tuple[int, str]:
         """Close, publish; returns (bytes, sha256)."""
-        from fusion.features import file_sha256
-
         self.writer.close()
         size, digest = self.temp.stat().st_size, file_sha256(self.temp)
         storage.put_file(self.temp, self.url)
