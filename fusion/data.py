@@ -18,8 +18,8 @@ every rank takes the same decisions without talking to the others):
    ``with_epoch``/``resampled`` needed: #379, #303, #440).
 3. **Lanes.** A rank's batches are dealt round-robin to ``lanes = max(1, num_workers)``
    lanes: batch ``i`` belongs to lane ``i % lanes``, and each lane owns one contiguous run of
-   the rank's positions. A lane reads its run sequentially (so a worker streams a few shards,
-   never seeks) and permutes it in windows of ``shuffle_window`` samples, each window with its
+   the rank's positions. A lane reads its run sequentially (a worker streams a few shards)
+   and permutes it in windows of ``shuffle_window`` samples, each window with its
    own ``(seed, epoch, rank, lane, window)`` generator. Batch ``j`` of a lane is positions
    ``j*B .. (j+1)*B`` of that lane's stream. The contents of batch ``i`` are thus a pure
    function of ``(seed, epoch, rank, world_size, num_workers, batch_size)`` and the manifest;
@@ -32,7 +32,13 @@ every rank takes the same decisions without talking to the others):
    loader yields exactly the batches ``k..L-1`` of the uninterrupted one (MosaicML #880,
    LitData #213, WebDataset #177/#271), provided seed, world size, workers and batch size are
    the same.
-6. **Errors.** Only ``NNN.jpg``, ``cls`` and ``json`` members (and features' ``sem.npy`` and
+6. **Reads.** A shard whose manifest entry has ``offsets`` (:mod:`sharding.shard_index`) is
+   read from the first byte of the segment's first sample to the last byte of its last (a
+   seek, an S3 ``Range`` GET), so a lane that starts mid-shard reads nothing before its run;
+   a whole shard with a sha256 is read entire, to check it. Without offsets (shards packed
+   before the index) a segment streams its shard from the start. Lanes count what they read
+   (``bytes_read``, ``samples_read`` in :attr:`Loader.stats`).
+7. **Errors.** Only ``NNN.jpg``, ``cls`` and ``json`` members (and features' ``sem.npy`` and
    ``mot.npy``) are read; any other member
    (``.pyd``, ``.pickle`` ...) is never loaded, let alone unpickled. Bad data is skipped and
    counted in :attr:`Loader.stats`, with a warning the training process prints:
@@ -97,6 +103,8 @@ from webdataset.tariterators import base_plus_ext
 from fusion.config import ConfigError, option
 from fusion.features import FEATURES_FORMAT, CorruptFeatures, FeatureSpec, decode_features
 from sharding import storage
+from sharding.cache import ShardCache
+from sharding.shard_index import check_offsets
 from sharding.ssv2 import NUM_CLASSES, TEMPLATES, flip_label
 
 log = logging.getLogger(__name__)
@@ -109,6 +117,9 @@ SHARD_NAME = re.compile(r"[^/\\]+\.tar")
 ASPECT_RATIOS = (3 / 4, 4 / 3)
 MAX_READ_PASSES = 4
 ERROR_KEYS = ("corrupt_samples", "corrupt_shards", "read_retries", "refilled_samples")
+# What the lanes read: bytes from storage (shards fetched into the node cache included) and
+# samples; shards the cache fetched, and bytes read from it (the tests compare them with the plan).
+READ_KEYS = ("bytes_read", "samples_read", "cache_fetches", "cache_bytes_read")
 # A stored frame's long side is at most this many short sides (SSv2 is under 2:1); a JPEG
 # header claiming more is not one of our frames, and is refused before any pixel is allocated.
 MAX_ASPECT = 4
@@ -145,6 +156,9 @@ class DataConfig:
         "how long an unreachable store (refused connections, timeouts, HTTP 5xx) is waited for, retrying with backoff, "
         "before the run stops with a checkpoint (keep it below the process group's 30-minute timeout)",
     )
+    cache_dir: str = option("", "node-local folder that keeps whole shards read from storage, shared by the node's "
+                                "ranks and workers, so later epochs read local disk (empty: no cache)")
+    cache_gb: float = option(100.0, "size limit of data.cache_dir in GB; least recently used shards leave first")
     max_skipped_fraction: float = option(
         0.01,
         "stop training (with a checkpoint) once more than this fraction of an epoch's clips had to be replaced "
@@ -166,6 +180,8 @@ class DataConfig:
             raise ConfigError(f"data.prefetch_batches: must be >= 1, got {self.prefetch_batches}")
         if self.storage_timeout_s < 0:
             raise ConfigError(f"data.storage_timeout_s: must be >= 0, got {self.storage_timeout_s}")
+        if self.cache_gb <= 0:
+            raise ConfigError(f"data.cache_gb: must be > 0, got {self.cache_gb}")
         if not 0.0 <= self.max_skipped_fraction <= 1.0:
             raise ConfigError(f"data.max_skipped_fraction: must be in [0, 1], got {self.max_skipped_fraction}")
 
@@ -203,6 +219,11 @@ class ShardSet:
                                  "re-run sharding.make_shards")
             if not isinstance(entry.get("num_samples"), int) or entry["num_samples"] < 0:
                 raise ValueError(f"{manifest_url}: shard {name} has no valid num_samples; re-run sharding.make_shards")
+            if "offsets" in entry:
+                problem = check_offsets(entry["offsets"], entry["num_samples"], entry.get("bytes"))
+                if problem:
+                    raise ValueError(f"{manifest_url}: shard {name}: {problem}; rebuild the index with "
+                                     f"python -m sharding.shard_index --force {url}")
         return cls(url=url, manifest=manifest)
 
     @property
@@ -224,6 +245,16 @@ class ShardSet:
     def entry(self, name: str) -> dict[str, Any]:
         """The manifest's record of shard ``name``: num_samples, bytes, sha256."""
         return self._entries[name]
+
+    def offsets(self, name: str) -> list[int] | None:
+        """Where each sample of shard ``name`` starts, and where the last ends (bytes; see
+        :mod:`sharding.shard_index`), or None for a shard packed without the index."""
+        return self._entries[name].get("offsets")
+
+    def sample_bytes(self, segment: "Segment") -> int | None:
+        """The bytes of the samples of ``segment`` in its shard (None without the index)."""
+        offsets = self.offsets(segment.shard)
+        return offsets[segment.stop] - offsets[segment.start] if offsets else None
 
     @functools.cached_property
     def _entries(self) -> dict[str, dict[str, Any]]:
@@ -456,24 +487,45 @@ def read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events: 
     entry = shardset.entry(segment.shard)
     expected_bytes = entry.get("bytes") or None
     expected_sha = entry.get("sha256") or None
+    offsets = shardset.offsets(segment.shard)
     whole = segment.start == 0 and segment.stop == entry["num_samples"]
+    cache = ShardCache(cfg.cache_dir, int(cfg.cache_gb * 1e9)) if cfg.cache_dir else None
     position, attempt, outage_since = segment.start, 0, None
     while position < segment.stop:
-        stream = None
+        stream = reader = cached = None
         try:
-            stream, size = storage.open_sized(url)
+            hashing = whole and expected_sha and position == 0
+            if cache is not None:  # checked whole when fetched: no hashing here
+                cached = cache.open_range(url, expected_bytes, expected_sha, offsets[position] if offsets else 0,
+                                          offsets[segment.stop] if offsets else None)
+            if cached is not None:
+                stream, fetched = cached
+                events.count("bytes_read", fetched)
+                events.count("cache_fetches", int(fetched > 0))
+                hashing, size = False, expected_bytes
+                first, stop = (0, segment.stop - position) if offsets else (position, segment.stop)
+            elif offsets is not None and not hashing:
+                # only this segment's bytes cross the wire (a seek, an S3 Range GET)
+                stream, size = storage.open_range(url, offsets[position], offsets[segment.stop])
+                first, stop = 0, segment.stop - position
+            else:
+                stream, size = storage.open_sized(url)
+                first, stop = position, segment.stop
             if expected_bytes is not None and size != expected_bytes:
                 raise ShardMismatch(f"it is {size} bytes, the manifest says {expected_bytes}: not the shard that was packed")
-            reader = _HashingReader(stream) if whole and expected_sha and position == 0 else stream
-            for sample in _shard_samples(reader, url, position, segment.stop, shardset.limits):
+            reader = _CountingReader(stream, hashing=bool(hashing))
+            read_key = "cache_bytes_read" if cached is not None else "bytes_read"
+            for sample in _shard_samples(reader, url, first, stop, shardset.limits):
                 if outage_since is not None:
                     events.warn(f"storage is back: read {url} again after {time.monotonic() - outage_since:.0f} s")
                     outage_since, attempt = None, 0
                 position += 1
+                events.count("samples_read")
+                events.count(read_key, reader.take())  # now: a lane may stop at its last sample
                 yield sample
             if position < segment.stop:
                 raise tarfile.ReadError(f"holds {position} samples, the manifest says {segment.stop}")
-            if isinstance(reader, _HashingReader):
+            if hashing:
                 digest = reader.finish()
                 if digest != expected_sha:
                     raise ShardMismatch(f"its sha256 is {digest[:12]}..., the manifest says {expected_sha[:12]}...: not the "
@@ -504,6 +556,8 @@ def read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events: 
             attempt += 1
             time.sleep(min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF_S, cfg.storage_timeout_s - waited))
         finally:
+            if reader is not None:
+                events.count(read_key, reader.take())
             if stream is not None:
                 stream.close()
 
@@ -524,17 +578,26 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
-class _HashingReader:
-    """A read-only stream that hashes what passes through it (what ``tarfile`` reads)."""
+class _CountingReader:
+    """A read-only stream that counts (and with ``hashing``, hashes) what passes through it:
+    what ``tarfile`` reads, i.e. what came from storage."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, hashing: bool = False) -> None:
         self.stream = stream
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256() if hashing else None
+        self.count = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
-        self.sha.update(data)
+        self.count += len(data)
+        if self.sha is not None:
+            self.sha.update(data)
         return data
+
+    def take(self) -> int:
+        """Bytes read since the last call."""
+        count, self.count = self.count, 0
+        return count
 
     def finish(self) -> str:
         """Read what is left (the tar's end blocks) and return the hex digest of it all."""
@@ -1009,7 +1072,7 @@ class Loader:
         self.dataset, self.cfg = dataset, cfg
         self.num_batches = num_batches
         self.device = torch.device(device) if device is not None else None
-        self.stats: Counter = Counter({key: 0 for key in ERROR_KEYS})
+        self.stats: Counter = Counter({key: 0 for key in ERROR_KEYS + READ_KEYS})
 
     def __len__(self) -> int:
         return self.num_batches

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from launch import distributed  # first: sets DeepSpeed's environment before anything imports it
 from fusion.backbones.weights import WeightsError
 from fusion.config import ConfigError
-from fusion.data import Sampling, ShardSet, val_loader
+from fusion.data import ERROR_KEYS, READ_KEYS, Sampling, ShardSet, val_loader
 from launch.train import RunConfig, resolve_data_url, route_warnings
 from launch.trained import build_trained_model, load_trained, tool_parser, trained_config
 from sharding import storage
@@ -325,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
         return 2
     parts = distributed.gather_on_main(part)
-    data_errors = dict(zip(loader.stats, (int(v) for v in distributed.sum_on_host([float(v) for v in loader.stats.values()]))))
+    totals = dict(zip(ERROR_KEYS + READ_KEYS, (int(v) for v in distributed.sum_on_host(
+        [float(loader.stats[key]) for key in ERROR_KEYS + READ_KEYS]))))
+    data_errors = {key: totals[key] for key in ERROR_KEYS}
     if ranks.is_main:
         results = merge(parts, keep)
         labels = np.asarray(results.labels, dtype=np.int64)
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                       "stored_frames": sampling.stored},
             **report,
             "data_errors": data_errors,
+            "data_read": {key: totals[key] for key in READ_KEYS},
             "seconds": round(time.perf_counter() - started, 1),
         }
         args.out.mkdir(parents=True, exist_ok=True)

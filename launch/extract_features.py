@@ -56,6 +56,7 @@ from fusion.model import FusionClassifier, build_model, resolve_dtype
 from launch.train import RunConfig, default_config_path, resolve_data_url
 from sharding import storage
 from sharding.make_shards import RECORDS_SUBDIR, TAR_MTIME, TAR_OWNER
+from sharding.shard_index import sample_offsets
 
 SPLIT_FOLDERS = ("train", "validation", "test")
 SKIPPED_NAME = "skipped.jsonl"
@@ -185,12 +186,14 @@ class FeatureShardWriter:
         self.count += 1
         self.label_counts[str(labels[0])] = self.label_counts.get(str(labels[0]), 0) + 1
 
-    def publish(self) -> tuple[int, str]:
-        """Close, publish; returns (bytes, sha256)."""
+    def publish(self) -> tuple[int, str, list[int]]:
+        """Close, publish; returns (bytes, sha256, sample offsets: see sharding.shard_index)."""
         self.writer.close()
         size, digest = self.temp.stat().st_size, file_sha256(self.temp)
+        with open(self.temp, "rb") as stream:
+            offsets = sample_offsets(stream)
         storage.put_file(self.temp, self.url)
-        return size, digest
+        return size, digest, offsets
 
 
 def record_url(out: str, name: str) -> str:
@@ -272,9 +275,9 @@ def extract_split(job: Job, model: FusionClassifier, ranks: distributed.Ranks, b
             for message in item["messages"]:
                 tqdm.write(f"warning: {message}", file=sys.stderr)
             writer = writers.pop(name, None)
-            size, digest = writer.publish() if writer is not None else (0, "")
+            size, digest, offsets = writer.publish() if writer is not None else (0, "", [])
             record = {"name": name, "num_samples": writer.count if writer else 0, "bytes": size, "sha256": digest,
-                      "label_counts": writer.label_counts if writer else {},
+                      "offsets": offsets, "label_counts": writer.label_counts if writer else {},
                       "skipped": item["skipped"], "errors": item["errors"], "features": job.fingerprint}
             storage.write_bytes(record_url(job.out, name), json.dumps(record, indent=1).encode())
             bar.update(len(item["skipped"]))
@@ -305,7 +308,8 @@ def write_manifest(job: Job) -> dict[str, Any]:
         "num_samples": sum(record["num_samples"] for record in records),
         "num_skipped": len(skipped),
         "label_counts": label_counts,
-        "shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
+        "shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"], "sha256": r["sha256"],
+                    **({"offsets": r["offsets"]} if r.get("offsets") else {})}
                    for r in records if r["num_samples"]],
         "features": job.fingerprint,
         "source": {"url": job.source.url, "frames": source.get("frames"), "short_side": source.get("short_side"),

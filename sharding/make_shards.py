@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from sharding import storage
+from sharding.shard_index import sample_offsets
 from sharding.annotations import (
     SPLITS,
     AnnotationError,
@@ -121,6 +122,7 @@ class ShardRecord:
     rejects: list[dict] = field(default_factory=list)
     bytes: int = 0
     sha256: str = ""
+    offsets: list[int] = field(default_factory=list)  # sharding.shard_index: where each sample starts
 
 
 @dataclass(frozen=True)
@@ -369,10 +371,13 @@ class _ShardFile:
 
         self.writer = TarWriter(str(self.temp), encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
 
-    def close(self) -> tuple[int, str]:
-        """Finish the tar; returns its size and sha256."""
+    def close(self) -> tuple[int, str, list[int]]:
+        """Finish the tar; returns its size, sha256 and sample offsets (from the local file's
+        headers: a seek per member, no data read)."""
         self.writer.close()
-        return self.temp.stat().st_size, _file_digest(self.temp)
+        with open(self.temp, "rb") as stream:
+            offsets = sample_offsets(stream)
+        return self.temp.stat().st_size, _file_digest(self.temp), offsets
 
     def publish(self) -> None:
         storage.put_file(self.temp, self.url)
@@ -516,13 +521,13 @@ def _write_shard(job: Job, index: int, entries, pre_rejects, results, scratch: P
                 else:
                     record.rejects.append(reject)
             bar.update(1)
-        record.bytes, record.sha256 = shard.close()
+        record.bytes, record.sha256, record.offsets = shard.close()
         if not record.samples:
             # every clip of the range was rejected: no empty tar (nor one left by an earlier
             # run with other arguments), the record says why
             shard.discard()
             storage.remove(shard.url)
-            record.bytes, record.sha256 = 0, ""
+            record.bytes, record.sha256, record.offsets = 0, "", []
         # Record first, then the file: a rerun keeps a shard only when both are there, so a
         # kill between the two costs one rewrite, never a kept shard without its record.
         storage.write_bytes(_record_url(job.out, name), json.dumps(asdict(record), indent=1).encode())
@@ -547,8 +552,10 @@ def _write_index(job: Job, records: list[ShardRecord]) -> None:
         "templates": templates_in_id_order(job.label_map),
         "num_samples": sum(len(record.samples) for record in records),
         "num_rejected": sum(len(record.rejects) for record in records),
+        # offsets: absent for shards packed before the index existed (python -m sharding.shard_index adds them)
         "shards": [
-            {"name": record.name, "num_samples": len(record.samples), "bytes": record.bytes, "sha256": record.sha256}
+            {"name": record.name, "num_samples": len(record.samples), "bytes": record.bytes, "sha256": record.sha256,
+             **({"offsets": record.offsets} if record.offsets else {})}
             for record in records
             if record.samples
         ],

@@ -199,6 +199,51 @@ def open_sized(url: str | os.PathLike) -> tuple[BinaryIO, int]:
     return response["Body"], int(response["ContentLength"])
 
 
+class _Bounded(io.RawIOBase):
+    """The bytes ``[start, stop)`` of a local file, as a stream that ends at ``stop``."""
+
+    def __init__(self, handle: BinaryIO, start: int, stop: int) -> None:
+        handle.seek(start)
+        self.handle, self.left = handle, stop - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[: self.left]
+        count = self.handle.readinto(view) if len(view) else 0
+        self.left -= count
+        return count
+
+    def close(self) -> None:
+        self.handle.close()
+        super().close()
+
+
+def bounded(handle: BinaryIO, start: int, stop: int) -> BinaryIO:
+    """Bytes ``[start, stop)`` of an open local file as a buffered stream (it owns ``handle``)."""
+    return io.BufferedReader(_Bounded(handle, start, stop), buffer_size=1 << 16)
+
+
+def open_range(url: str | os.PathLike, start: int, stop: int) -> tuple[BinaryIO, int]:
+    """Bytes ``[start, stop)`` of a file or object as a stream (a ``seek`` locally, one S3
+    ``Range`` GET), and the size of the whole file, so a reader can check it is the file it
+    expects. Only those bytes are read from storage."""
+    url = str(url)
+    if stop <= start:
+        raise ValueError(f"an empty byte range [{start}, {stop}) of {url}")
+    if not is_s3_url(url):
+        handle = open(url, "rb")
+        size = os.fstat(handle.fileno()).st_size
+        return bounded(handle, start, min(stop, size)), size
+    bucket, key = split_s3_url(url)
+    with _s3_errors(url):
+        response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}")
+    # "bytes START-END/TOTAL": the whole object's size, as open_sized gives it
+    total = response.get("ContentRange", "").rpartition("/")[2]
+    return response["Body"], int(total) if total.isdigit() else -1
+
+
 def write_bytes(url: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` so that readers see either the old content or all of the new."""
     url = str(url)

@@ -26,9 +26,10 @@ from launch.train import RunConfig, open_data, parse_command_line, resolve_data_
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300
-# Small crops and frames keep a step cheap; the debug ViT's patch size 14 divides 56.
+# Small crops and frames keep a step cheap; the debug ViT's patch size 14 divides 56. Dropout on
+# (the debug size has none) so that the exact-resume tests cover its random numbers too.
 SMALL = ["--config", "launch/configs/debug.yaml", "--data.crop_size", "56", "--model.semantic.img_size", "56",
-         "--data.num_workers", "2", "--train.log_every", "1"]
+         "--data.num_workers", "2", "--train.log_every", "1", "--model.dropout", "0.1"]
 
 
 def small_ds_json(tmp_path: Path, micro: int = 1) -> Path:

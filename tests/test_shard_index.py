@@ -1,0 +1,141 @@
+"""The sample index (sharding/shard_index.py) and the ranged reads it allows: a loader lane
+reads the bytes of its own samples and nothing else, from a folder and from a real S3 server.
+
+Shards are the tiny ones of tests/test_data.py; make_shards' own are checked against a scan.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fusion.data import DataConfig, ShardSet, train_plan, train_loader, val_loader, val_plan
+from sharding import storage
+from sharding.shard_index import index_manifest, sample_offsets
+from tests.test_data import write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def members_of(piece: bytes) -> list[str]:
+    """Member names of a run of tar members read as a stream (as the loader reads a range)."""
+    return [member.name for member in tarfile.open(fileobj=io.BytesIO(piece), mode="r|")]
+
+
+def test_offsets_cut_a_shard_into_exactly_its_samples(tmp_path):
+    keys = write_shards(tmp_path, [5, 3])
+    assert index_manifest(str(tmp_path), progress=False) == (2, 0)
+    shardset = ShardSet.open(str(tmp_path))
+    first = 0
+    for name, size in zip(shardset.shards, shardset.shard_sizes):
+        data, offsets = (tmp_path / name).read_bytes(), shardset.offsets(name)
+        assert offsets[0] == 0 and len(offsets) == size + 1
+        assert set(data[offsets[-1]:]) == {0}  # only the end-of-archive blocks follow the last sample
+        for index in range(size):
+            names = members_of(data[offsets[index]:offsets[index + 1]])
+            assert {n.split(".", 1)[0] for n in names} == {keys[first + index]} and len(names) == 4 + 2
+        # any run of samples is a tar stream of exactly those samples
+        assert len(members_of(data[offsets[1]:offsets[size]])) == (size - 1) * 6
+        first += size
+
+
+def test_make_shards_writes_the_index_a_scan_finds(synthetic_shards):
+    manifest = json.loads((synthetic_shards / "train" / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        with open(synthetic_shards / "train" / entry["name"], "rb") as handle:
+            streamed = sample_offsets(io.BufferedReader(io.BytesIO(handle.read())))  # read through, as from S3
+        assert entry["offsets"] == streamed and len(streamed) == entry["num_samples"] + 1
+
+
+def test_the_scan_command_indexes_old_shards_and_refuses_foreign_ones(tmp_path):
+    write_shards(tmp_path, [4, 2])
+    command = [sys.executable, "-m", "sharding.shard_index", str(tmp_path)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "indexed 2 shard(s)" in result.stdout, result.stderr
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "indexed 0 shard(s), 2 already had offsets" in again.stdout
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"][1]["num_samples"] = 3  # the manifest no longer describes the file
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    refused = subprocess.run([*command, "--force"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "holds 2 samples, the manifest says 3" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    manifest["shards"][1]["num_samples"] = 2
+    manifest["shards"][1]["offsets"] = manifest["shards"][1]["offsets"][::-1]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="offsets do not increase.*sharding.shard_index --force"):
+        ShardSet.open(str(tmp_path))
+
+
+def _publish(folder: Path, where: str, request) -> str:
+    if where == "local":
+        return str(folder)
+    url = f"s3://{request.getfixturevalue('s3_env')}/index-{folder.parent.name}"
+    for path in folder.iterdir():
+        storage.write_bytes(storage.join(url, path.name), path.read_bytes())
+    return url
+
+
+def _read_epoch(shardset: ShardSet, cfg: DataConfig, world: int, batch: int) -> tuple[Counter, int, int]:
+    """What all ranks' loaders read in one training epoch, and the bytes and samples of their plans."""
+    read, planned_bytes, planned_samples = Counter(), 0, 0
+    for rank in range(world):
+        loader = train_loader(cfg, shardset, batch_size=batch, rank=rank, world_size=world, epoch=1, seed=0)
+        assert sum(1 for _ in loader) == len(loader)
+        read.update(loader.stats)
+        for plan in train_plan(shardset, batch_size=batch, rank=rank, world_size=world, epoch=1, seed=0,
+                               lanes=max(1, cfg.num_workers)):
+            planned_bytes += sum(shardset.sample_bytes(segment) or 0 for segment in plan.segments)
+            planned_samples += plan.num_samples
+    return read, planned_bytes, planned_samples
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_lanes_read_their_own_samples_and_nothing_else(where, tmp_path, request):
+    folder = tmp_path / "shards"
+    write_shards(folder, [5, 5, 5, 5, 4])  # lanes of 6 samples: every other lane starts mid-shard
+    index_manifest(str(folder), progress=False)
+    shardset = ShardSet.open(_publish(folder, where, request))
+    cfg = DataConfig(num_workers=2, crop_size=16, shuffle_window=3)
+
+    read, planned_bytes, planned_samples = _read_epoch(shardset, cfg, world=2, batch=2)
+    assert read["samples_read"] == planned_samples == 24
+    assert read["bytes_read"] == planned_bytes  # byte for byte: no sample outside the plan, no tar padding
+
+    # validation too: ranks and lanes cut the manifest order mid-shard
+    val_read, val_bytes = Counter(), 0
+    for rank in range(2):
+        loader = val_loader(cfg, shardset, batch_size=2, rank=rank, world_size=2)
+        list(loader)
+        val_read.update(loader.stats)
+        val_bytes += sum(shardset.sample_bytes(s) for p in val_plan(shardset, batch_size=2, rank=rank, world_size=2, lanes=2)
+                         for s in p.segments)
+    assert val_read["samples_read"] == 24 and val_read["bytes_read"] == val_bytes
+
+    # the control: the same shards without the index read the start of every shard a lane enters mid-way
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["offsets"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    legacy, _, _ = _read_epoch(ShardSet.open(_publish(folder, where, request)), cfg, world=2, batch=2)
+    assert legacy["bytes_read"] > planned_bytes * 1.1
+
+
+def test_a_checked_shard_is_read_whole_once(synthetic_shards):
+    """Shards with a sha256 (make_shards') are hashed when a lane reads one whole: the file is
+    read entire (its end-of-archive blocks are the only bytes beyond the samples)."""
+    shardset = ShardSet.open(str(synthetic_shards / "train"))
+    cfg = DataConfig(num_workers=0, crop_size=16, frames=4)
+    read, planned_bytes, planned_samples = _read_epoch(shardset, cfg, world=1, batch=2)
+    assert read["samples_read"] == planned_samples
+    tails = sum(entry["bytes"] - entry["offsets"][-1] for entry in shardset.manifest["shards"])
+    assert planned_bytes <= read["bytes_read"] <= planned_bytes + tails
