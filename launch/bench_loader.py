@@ -79,16 +79,20 @@ def time_floor(samples: list[dict], frames: int) -> float:
     return len(samples) / (time.perf_counter() - start)
 
 
-def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int) -> float:
+def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int, resize_on: str = "worker",
+                worker_side: bool = False) -> float:
     """Clips/s through train_loader (one rank), counted from the first batch to the last so
-    that worker start-up is not charged to the steady state."""
-    cfg = DataConfig(num_workers=workers, crop_size=crop_size)
+    that worker start-up is not charged to the steady state. ``worker_side``: the loader's
+    per-process work alone (its dataset iterated in this process: read, decode, batch), without
+    what the training process then does with the batch (the device crop of ``resize_on: device``)."""
+    cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on)
+    loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0)
     seen, start = 0, None
-    for batch in train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0):
+    for batch in (loader.dataset if worker_side else loader):
         if start is None:
             start = time.perf_counter()
         else:
-            seen += batch["clips"].shape[0]
+            seen += len(batch["keys"])
         if seen >= clips:
             break
     return seen / (time.perf_counter() - start)
@@ -125,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         for workers in (int(w) for w in args.workers.split(",")):
             rate = time_loader(shardset, workers, args.batch_size, args.crop_size, clips)
             rows.append((f"train_loader, {workers} workers, crop {args.crop_size}", rate, max(1, workers)))
+        # data.resize_on: device: what a loader process does (the GPU would crop), then the
+        # same with the crop on this CPU as the "device" (the CPU-only path of that mode)
+        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device", worker_side=True)
+        rows.append(("loader process, resize_on device (decode only)", rate, 1))
+        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device")
+        rows.append(("train_loader, resize_on device = this CPU", rate, 1))
         videos = Path(args.videos or manifest_args.get("videos", ""))
         if videos.is_dir():
             naive = time_naive(videos, [s["__key__"] for s in samples], frames, int(shardset.manifest.get("short_side", 240)))

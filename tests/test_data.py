@@ -445,3 +445,22 @@ def test_gpu_decode_matches_cpu_decode_in_shape_and_keys(even_shards):
     assert gpu["clips"].shape == cpu["clips"].shape
     # nvJPEG and libjpeg-turbo differ by a few levels per pixel at most
     assert (gpu["clips"].cpu().int() - cpu["clips"].int()).abs().float().mean() < 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cropping_on_the_device_gives_the_workers_pixels(even_shards, workers, no_hang):
+    """``data.resize_on: device`` moves the crop, resize and flip out of the workers; on a CPU
+    the device is the CPU, and every batch must be what the workers would have made."""
+    shardset, _ = even_shards
+    made = {}
+    for where in ("worker", "device"):
+        cfg = DataConfig(num_workers=workers, crop_size=16, shuffle_window=3, flip=True, resize_on=where)
+        loaders = [train_loader(cfg, shardset, batch_size=2, rank=0, world_size=1, epoch=1, seed=5),
+                   val_loader(cfg, shardset, batch_size=4, rank=0, world_size=1)]
+        assert [loader.dataset.cut_on_device for loader in loaders] == [where == "device"] * 2
+        train, val = (list(loader) for loader in loaders)
+        made[where] = [(b["keys"], b["labels"].tolist(), b["clips"]) for b in train + val]
+    assert len(made["device"]) == len(made["worker"]) > 0
+    for (keys, labels, clips), (keys_w, labels_w, clips_w) in zip(made["device"], made["worker"]):
+        assert keys == keys_w and labels == labels_w
+        assert clips.dtype == torch.uint8 and torch.equal(clips, clips_w)

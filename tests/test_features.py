@@ -21,6 +21,7 @@ import torch
 
 from fusion.data import DataConfig, ShardSet, train_loader, val_loader
 from fusion.features import file_sha256
+from sharding.shard_index import sample_offsets
 from tests.test_train import REPO, RUN_TIMEOUT_S, SMALL, head_weights, metrics, run_env, small_ds_json, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::fusion.backbones.weights.RandomWeightsWarning")
@@ -134,6 +135,9 @@ def rewrite_sample(folder: Path, shard: str, key: str, member: str, data: bytes)
     for entry in manifest["shards"]:
         if entry["name"] == shard:
             entry["bytes"], entry["sha256"] = path.stat().st_size, file_sha256(path)
+            if "offsets" in entry:  # the sample index too
+                with open(path, "rb") as stream:
+                    entry["offsets"] = sample_offsets(stream)
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 

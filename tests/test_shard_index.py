@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.data import DataConfig, ShardSet, train_plan, train_loader, val_loader, val_plan
+from fusion.data import DataConfig, ShardSet, TarStream, train_loader, train_plan, val_loader, val_plan
 from sharding import storage
 from sharding.shard_index import index_manifest, sample_offsets
 from tests.test_data import write_shards
@@ -139,3 +139,56 @@ def test_a_checked_shard_is_read_whole_once(synthetic_shards):
     assert read["samples_read"] == planned_samples
     tails = sum(entry["bytes"] - entry["offsets"][-1] for entry in shardset.manifest["shards"])
     assert planned_bytes <= read["bytes_read"] <= planned_bytes + tails
+
+
+def test_an_index_that_does_not_fit_its_shard_costs_speed_not_samples(tmp_path, caplog):
+    folder = tmp_path / "shards"
+    keys = write_shards(folder, [5, 5, 4])
+    index_manifest(str(folder), progress=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:  # every inner offset one block into a member: a stale index
+        entry["offsets"] = [entry["offsets"][0]] + [o + 512 for o in entry["offsets"][1:-1]] + [entry["offsets"][-1]]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    cfg = DataConfig(num_workers=0, crop_size=16, shuffle_window=3)
+    seen, stats = [], Counter()
+    for rank in range(2):  # lanes that start mid-shard read at the stale offsets
+        loader = train_loader(cfg, ShardSet.open(str(folder)), batch_size=1, rank=rank, world_size=2, epoch=0, seed=0)
+        seen += [key for batch in loader for key in batch["keys"]]
+        stats.update(loader.stats)
+    assert sorted(seen) == sorted(keys)
+    assert stats["corrupt_shards"] == 0 and stats["refilled_samples"] == 0
+    assert "python -m sharding.shard_index --force" in caplog.text
+
+
+@pytest.mark.parametrize("layout", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_loaders_tar_reader_reads_what_tarfile_writes(layout):
+    """fusion.data.TarStream against the standard library's writer in its three formats:
+    long names (ustar prefix, GNU long name, PAX path), non-ASCII names, empty members,
+    directories, members skipped unread; a broken header or a cut stream is a ReadError."""
+    members = {"a" * 120 + "/123.000.jpg": b"x" * 700, "d/\u00e9t\u00e9.cls": b"5", "123.json": b"", "big.bin": b"y" * 5000,
+               "b" * 130 + ".000.jpg": b"z" * 513}
+    if layout == tarfile.USTAR_FORMAT:
+        del members["b" * 130 + ".000.jpg"]  # ustar cannot name it (no slash to split at)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=layout) as archive:
+        directory = tarfile.TarInfo("real-dir")
+        directory.type = tarfile.DIRTYPE
+        archive.addfile(directory)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+
+    tar = TarStream(io.BytesIO(data))
+    read = {name: tar.data() for name, _ in tar.members() if name != "big.bin"}  # big.bin skipped unread
+    assert read == {k: v for k, v in members.items() if k != "big.bin"}
+
+    broken = bytearray(data)
+    broken[100] ^= 0x55  # a header byte: its checksum fails
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(TarStream(io.BytesIO(bytes(broken))).members())
+    with pytest.raises(tarfile.ReadError, match="unexpected end"):
+        cut = TarStream(io.BytesIO(data[: data.index(b"y" * 100) + 2000]))  # inside big.bin
+        for _ in cut.members():
+            cut.data()
