@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default="0,2", help="loader worker counts to time, comma-separated (default 0,2)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--frames", type=int, default=0,
+                        help="frames per clip the loader decodes, T (data.frames; the floor decodes as many); 0: all stored")
     return parser.parse_args(argv)
 
 
@@ -80,12 +82,14 @@ def time_floor(samples: list[dict], frames: int) -> float:
 
 
 def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int, resize_on: str = "worker",
-                worker_side: bool = False) -> float:
+                worker_side: bool = False, frames: int = 0) -> float:
     """Clips/s through train_loader (one rank), counted from the first batch to the last so
     that worker start-up is not charged to the steady state. ``worker_side``: the loader's
     per-process work alone (its dataset iterated in this process: read, decode, batch), without
     what the training process then does with the batch (the device crop of ``resize_on: device``)."""
-    cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on)
+    # a small shuffle window spreads the tar reads over the timed batches (with the default 256
+    # they would all fall in the first, untimed, batch): each sample's read is counted once
+    cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on, frames=frames, shuffle_window=batch_size)
     loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0)
     seen, start = 0, None
     for batch in (loader.dataset if worker_side else loader):
@@ -120,20 +124,21 @@ def main(argv: list[str] | None = None) -> None:
         manifest_args = shardset.manifest.get("args", {})
         clips = min(args.clips, shardset.num_samples)
         samples = read_samples(shardset, clips)
-        frames = shardset.frames
+        frames = args.frames or shardset.frames
         print(f"shards: {shards}  ({shardset.num_samples} clips, T={frames}, short side {shardset.manifest.get('short_side')}), "
               f"timing {clips} clips per path, cpu cores here: {os.cpu_count()}")
 
         floor = time_floor(samples, frames)
         rows = [("JPEG decode only (simplejpeg, floor)", floor, 1)]
         for workers in (int(w) for w in args.workers.split(",")):
-            rate = time_loader(shardset, workers, args.batch_size, args.crop_size, clips)
+            rate = time_loader(shardset, workers, args.batch_size, args.crop_size, clips, frames=args.frames)
             rows.append((f"train_loader, {workers} workers, crop {args.crop_size}", rate, max(1, workers)))
         # data.resize_on: device: what a loader process does (the GPU would crop), then the
         # same with the crop on this CPU as the "device" (the CPU-only path of that mode)
-        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device", worker_side=True)
+        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device", worker_side=True,
+                           frames=args.frames)
         rows.append(("loader process, resize_on device (decode only)", rate, 1))
-        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device")
+        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device", frames=args.frames)
         rows.append(("train_loader, resize_on device = this CPU", rate, 1))
         videos = Path(args.videos or manifest_args.get("videos", ""))
         if videos.is_dir():
