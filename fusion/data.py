@@ -36,8 +36,9 @@ every rank takes the same decisions without talking to the others):
    read from the first byte of the segment's first sample to the last byte of its last (a
    seek, an S3 ``Range`` GET), so a lane that starts mid-shard reads nothing before its run;
    a whole shard with a sha256 is read entire, to check it. Without offsets (shards packed
-   before the index) a segment streams its shard from the start. Lanes count what they read
-   (``bytes_read``, ``samples_read`` in :attr:`Loader.stats`).
+   before the index) a segment streams its shard from the start. With ``data.cache_dir`` the
+   same bytes come from the node's checked copy of the whole shard (:mod:`sharding.cache`).
+   Lanes count what they read (``bytes_read``, ``samples_read``, ``cache_*`` in :attr:`Loader.stats`).
 7. **Errors.** Only ``NNN.jpg``, ``cls`` and ``json`` members (and features' ``sem.npy`` and
    ``mot.npy``) are read; any other member
    (``.pyd``, ``.pickle`` ...) is never loaded, let alone unpickled. Bad data is skipped and
@@ -592,7 +593,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 class _CountingReader:
     """A read-only stream that counts (and with ``hashing``, hashes) what passes through it:
-    what ``tarfile`` reads, i.e. what came from storage."""
+    what the tar reader reads, i.e. what came from storage (or the node cache)."""
 
     def __init__(self, stream: Any, hashing: bool = False) -> None:
         self.stream = stream
@@ -660,8 +661,8 @@ class TarStream:
 
     Our own rather than ``tarfile``'s stream mode: on 32-frame textured shards (~500 KB a
     sample) that took 1.09 ms of CPU a sample (Python header parsing, 10 KiB reads through its
-    ``_Stream``), ~15 % of decoding the sample's JPEGs; this takes 0.33 ms. It reads what this project's writers (webdataset's ``TarWriter``, GNU tar,
-    Python's ``tarfile``) produce: ustar and GNU headers, PAX and GNU long names, base-256
+    ``_Stream``), ~15 % of decoding the sample's JPEGs; this takes 0.33 ms. It reads what this
+    project's writers (webdataset's ``TarWriter``, GNU tar, Python's ``tarfile``) produce: ustar and GNU headers, PAX and GNU long names, base-256
     sizes; a header whose checksum fails is a :class:`tarfile.ReadError`, like a truncated one.
     """
 

@@ -51,12 +51,12 @@ from fusion.config import ConfigError, load, render_help
 from fusion.data import (MANIFEST_NAME, CorruptSample, DataEvents, Sampling, Segment, ShardSet, crop_seed_text, decode_clip,
                          init_worker, read_segment, worker_context)
 from fusion.features import (FEATURES_FORMAT, MOTION_MEMBER, SEMANTIC_MEMBER, STORE_DTYPES, encode_array,
-                             expected_record, file_sha256)
+                             expected_record)
 from fusion.model import FusionClassifier, build_model, resolve_dtype
 from launch.train import RunConfig, default_config_path, resolve_data_url
 from sharding import storage
 from sharding.make_shards import RECORDS_SUBDIR, TAR_MTIME, TAR_OWNER
-from sharding.shard_index import sample_offsets
+from sharding.shard_index import describe_shard
 
 SPLIT_FOLDERS = ("train", "validation", "test")
 SKIPPED_NAME = "skipped.jsonl"
@@ -189,9 +189,7 @@ class FeatureShardWriter:
     def publish(self) -> tuple[int, str, list[int]]:
         """Close, publish; returns (bytes, sha256, sample offsets: see sharding.shard_index)."""
         self.writer.close()
-        size, digest = self.temp.stat().st_size, file_sha256(self.temp)
-        with open(self.temp, "rb") as stream:
-            offsets = sample_offsets(stream)
+        size, digest, offsets = describe_shard(self.temp)
         storage.put_file(self.temp, self.url)
         return size, digest, offsets
 

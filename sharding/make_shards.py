@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from sharding import storage
-from sharding.shard_index import sample_offsets
+from sharding.shard_index import describe_shard
 from sharding.annotations import (
     SPLITS,
     AnnotationError,
@@ -375,9 +375,7 @@ class _ShardFile:
         """Finish the tar; returns its size, sha256 and sample offsets (from the local file's
         headers: a seek per member, no data read)."""
         self.writer.close()
-        with open(self.temp, "rb") as stream:
-            offsets = sample_offsets(stream)
-        return self.temp.stat().st_size, _file_digest(self.temp), offsets
+        return describe_shard(self.temp)
 
     def publish(self) -> None:
         storage.put_file(self.temp, self.url)

@@ -20,9 +20,12 @@ rewrites only ``manifest.json``; the shard files are not touched)::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 import tarfile
+from pathlib import Path
 from typing import BinaryIO, Iterable
 
 from tqdm import tqdm
@@ -33,28 +36,20 @@ MANIFEST_NAME = "manifest.json"
 BLOCK = tarfile.BLOCKSIZE
 
 
-def sample_key(member_name: str) -> str | None:
-    """The sample a tar member belongs to, as webdataset groups them: the name up to the
-    first dot of its last path component (``abc/123.004.jpg`` -> ``abc/123``); None for a name
-    without an extension, which webdataset's reader (and ours) ignores."""
-    folder, _, base = member_name.rpartition("/")
-    stem, dot, _ = base.partition(".")
-    if not dot or not stem:
-        return None
-    return f"{folder}/{stem}" if folder else stem
-
-
 def sample_offsets(stream: BinaryIO) -> list[int]:
     """``num_samples + 1`` byte offsets of a tar (see the module docstring): from its headers
     alone when ``stream`` can seek (a local file), else read through once (an S3 body).
 
-    Members are grouped into samples by consecutive equal keys, as webdataset's reader does;
+    Members are grouped into samples by consecutive equal keys with webdataset's own
+    ``base_plus_ext`` (names without an extension belong to no sample, as in its reader);
     only regular files count (directories, links and the like are no sample's member)."""
+    from webdataset.tariterators import base_plus_ext  # here: webdataset imports torch (~3 s)
+
     offsets: list[int] = []
     key, end = None, 0
     seekable = getattr(stream, "seekable", lambda: False)()
     for member in tarfile.open(fileobj=stream, mode="r:" if seekable else "r|"):
-        member_key = sample_key(member.name) if member.isfile() else None
+        member_key = base_plus_ext(member.name)[0] if member.isfile() else None
         if member_key is None:
             continue
         if member_key != key:
@@ -63,6 +58,18 @@ def sample_offsets(stream: BinaryIO) -> list[int]:
         end = member.offset_data + -(-member.size // BLOCK) * BLOCK
     offsets.append(end)
     return offsets
+
+
+def describe_shard(path: str | Path) -> tuple[int, str, list[int]]:
+    """Size, sha256 and sample offsets of a finished local shard: what its manifest entry
+    records (the writers of frame and feature shards both call this)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+        handle.seek(0)
+        offsets = sample_offsets(handle)
+    return os.path.getsize(path), digest.hexdigest(), offsets
 
 
 def check_offsets(offsets: object, num_samples: int, size: int | None) -> str | None:
