@@ -30,11 +30,11 @@ failing on its own (``{"status": "error", "error": ...}``) while the others go o
 
 On a GPU machine of this workplace (no registry; its Python 3.12 has torch, torchvision, timm,
 einops, tqdm, pyyaml; the rest travels as wheels): first, here, ``make gpu-bundle`` fills and
-checks ``.whl/``; then one device call with ``carry: [".whl"]`` and ``timeout_s: 480``::
+checks ``.whl/``; then one device call with ``carry: [".whl"]`` and ``timeout_s: 500``::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 -m launch.gpu_check --out $OUT
 
-(:data:`DEVICE_COMMAND`). The check's total budget is ``--budget-s`` (320 s on a GPU); a
+(:data:`DEVICE_COMMAND`). The check's total budget is ``--budget-s`` (360 s on a GPU); a
 watchdog writes what was measured and stops the run 20 s past it.
 """
 
@@ -177,9 +177,9 @@ GPU_PLAN = Plan(
     classes=10, train_per_class=32, val_per_class=4, clip_seconds=(1.5, 3.0), shard_size=32,
     loader_repeat=8, loader_workers=(1, 4, 8, 15), loader_seconds=3.0, nvjpeg_workers=(0, 4),
     train_steps=(20, 30), train_args=("--train.checkpoint_every", "10", "--train.log_every", "5"), micro_batch=None,
-    compile_backend="inductor", budget_s=320.0,
+    compile_backend="inductor", budget_s=360.0,
     budgets={"environment": (20, 5), "data": (90, 30), "precision": (30, 10), "throughput": (70, 20), "latency": (15, 5),
-             "nvjpeg": (30, 10), "training": (150, 60), "loader": (35, 10), "compile": (120, 30)},
+             "nvjpeg": (30, 10), "training": (150, 60), "loader": (50, 10), "compile": (120, 30)},
 )
 CPU_PLAN = Plan(
     mode="cpu-smoke", config="launch/configs/debug.yaml", overrides=("--data.crop_size", "56", "--model.semantic.img_size", "56"),
@@ -193,7 +193,7 @@ CPU_PLAN = Plan(
     # them with Dynamo and AOTAutograd (graph breaks, guards) in a few seconds
     compile_backend="aot_eager", budget_s=200.0,
     budgets={"environment": (10, 2), "data": (30, 10), "precision": (20, 5), "throughput": (30, 5), "latency": (10, 2),
-             "nvjpeg": (15, 3), "training": (90, 40), "loader": (15, 3), "compile": (40, 10)},
+             "nvjpeg": (15, 3), "training": (90, 40), "loader": (20, 3), "compile": (40, 10)},
 )
 HARD_GRACE_S = 20.0  # the watchdog stops the run this long after the total budget
 
@@ -969,7 +969,8 @@ def decoder_difference(shardset, device: torch.device, limit: int) -> dict[str, 
                 frames.append(tar.extractfile(member).read())
                 if len(frames) == limit:
                     break
-    cpu = torch.stack([torch.from_numpy(simplejpeg.decode_jpeg(frame, colorspace="RGB")).permute(2, 0, 1) for frame in frames])
+    # flattened frame by frame: clips of one shard may differ in size (the GPU run's had 320 and 352 px wide)
+    cpu = [torch.from_numpy(simplejpeg.decode_jpeg(frame, colorspace="RGB")).permute(2, 0, 1) for frame in frames]
     data = [torch.frombuffer(bytearray(frame), dtype=torch.uint8) for frame in frames]
     decode_jpeg(data, device=device)
     synchronize(device)
@@ -977,8 +978,9 @@ def decoder_difference(shardset, device: torch.device, limit: int) -> dict[str, 
     decoded = decode_jpeg(data, device=device)
     synchronize(device)
     seconds = time.perf_counter() - start
-    stats = pixel_difference(cpu, torch.stack([frame.cpu() for frame in decoded]))
-    return {"frames": len(frames), "size": list(cpu.shape[-2:]), "frames_per_s": len(frames) / seconds,
+    stats = pixel_difference(torch.cat([frame.flatten() for frame in cpu])[None], torch.cat([frame.cpu().flatten() for frame in decoded])[None])
+    sizes = sorted({tuple(frame.shape[-2:]) for frame in cpu})
+    return {"frames": len(frames), "sizes": [list(size) for size in sizes], "frames_per_s": len(frames) / seconds,
             "decoder": "nvJPEG (torchvision.io.decode_jpeg on cuda)" if device.type == "cuda" else "torchvision.io.decode_jpeg on the CPU",
             **stats}
 
@@ -1147,13 +1149,38 @@ def section_training(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
     r["clips_per_s"] = runs[-1].get("clips_per_s")
 
 
+def loader_row(cfg, shardset, batch: int, workers: int, device: torch.device | None, budget: Budget, seconds: float) -> dict[str, Any]:
+    """clips/s of one ``train_loader`` configuration, after every worker's first batch (start-up)."""
+    from fusion.data import train_loader
+
+    seen, start, index = 0, None, 0
+    stream = iter(train_loader(dataclasses.replace(cfg, num_workers=workers), shardset, batch_size=batch, rank=0, world_size=1,
+                               epoch=0, seed=0, device=device))
+    try:
+        for item in stream:
+            index += 1
+            if index <= max(1, workers):
+                start = time.perf_counter()
+                continue
+            seen += len(item["keys"])
+            if time.perf_counter() - start > min(seconds, budget.left()):
+                break
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        stream.close()
+    elapsed = time.perf_counter() - start if start else float("nan")
+    return {"workers": workers, "resize_on": cfg.resize_on, "clips_per_s": seen / elapsed if seen else None, "clips": seen,
+            "seconds": elapsed}
+
+
 def section_loader(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
     from fusion.data import ShardSet, train_loader
 
     plan = ctx.plan
     cores = len(os.sched_getaffinity(0))
     shardset = ShardSet.open(ctx.shards["loader"])
-    cfg = dataclasses.replace(ctx.cfg.data, decode="cpu")
+    cfg = dataclasses.replace(ctx.cfg.data, decode="cpu", resize_on="worker")
     batch = ctx.micro_batch
     workers = sorted({w for w in plan.loader_workers if w <= cores} | ({cores - 1} if cores > 2 else set()))
     r.update(cores=cores, batch=batch, crop=ctx.crop, frames=ctx.frames, clips_available=shardset.num_samples,
@@ -1164,22 +1191,7 @@ def section_loader(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
         if budget.left() < 2:
             rows.append({"workers": count, "error": "section budget spent"})
             continue
-        seen, start, index = 0, None, 0
-        stream = iter(train_loader(dataclasses.replace(cfg, num_workers=count), shardset, batch_size=batch, rank=0, world_size=1,
-                                   epoch=0, seed=0))
-        try:
-            for item in stream:
-                index += 1
-                if index <= max(1, count):  # each worker's first batch is start-up
-                    start = time.perf_counter()
-                    continue
-                seen += len(item["keys"])
-                if time.perf_counter() - start > min(plan.loader_seconds, budget.left()):
-                    break
-        finally:
-            stream.close()
-        elapsed = time.perf_counter() - start if start else float("nan")
-        rows.append({"workers": count, "clips_per_s": seen / elapsed if seen else None, "clips": seen, "seconds": elapsed})
+        rows.append(loader_row(cfg, shardset, batch, count, None, budget, plan.loader_seconds))
     rates = [row for row in rows if row.get("clips_per_s")]
     if not rates:
         raise RuntimeError("no loader configuration delivered clips")
@@ -1188,6 +1200,7 @@ def section_loader(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
     r["best_clips_per_s"] = max(row["clips_per_s"] for row in rates)
     top = max(rates, key=lambda row: row["workers"])
     r["scaling_efficiency"] = top["clips_per_s"] / (top["workers"] * r["clips_per_s_per_worker"])
+    r["device_crop"] = device_crop = measure_device_crop(ctx, cfg, shardset, batch, (one["workers"], top["workers"]), budget)
     throughput = ctx.report["sections"].get("throughput", {})
     model_rates = {"today_at_micro_batch": (throughput.get("today_at_micro_batch") or {}).get("clips_per_s"),
                    "best": throughput.get("best_clips_per_s")}
@@ -1197,15 +1210,55 @@ def section_loader(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
             not_measured(r, name, "the throughput section measured no model rate")
         return
     verdicts = {}
+    per_worker_device = device_crop.get("clips_per_s_per_worker")
     for name, rate in model_rates.items():
         if rate:
             verdicts[name] = {"bottleneck": "loader" if r["best_clips_per_s"] < rate else "model",
-                              "cpu_cores_per_gpu": math.ceil(rate / r["clips_per_s_per_worker"])}
+                              "cpu_cores_per_gpu": math.ceil(rate / r["clips_per_s_per_worker"]),
+                              "cpu_cores_per_gpu_device_crop": math.ceil(rate / per_worker_device) if per_worker_device else None}
     r["verdicts"] = verdicts
     main = verdicts.get("today_at_micro_batch") or verdicts.get("best")
     r["bottleneck"], r["cpu_cores_per_gpu"] = main["bottleneck"], main["cpu_cores_per_gpu"]
     r["note"] = ("synthetic clips: README's Measured found 3.8 ms to decode one against ~11 ms for textured SSv2-like frames, so "
                  "real data may need up to ~3x these cores")
+
+
+def measure_device_crop(ctx: Context, cfg, shardset, batch: int, counts: tuple[int, ...], budget: Budget) -> dict[str, Any]:
+    """``data.resize_on: device``: workers only decode, the crop, resize and flip of the batch run
+    on the check's device. Its pixels against the workers' crops of the same batch, and its clips/s
+    at the fewest and most workers measured above."""
+    from fusion.data import train_loader
+
+    device = ctx.device
+    moved = dataclasses.replace(cfg, resize_on="device")
+    out: dict[str, Any] = {"device": str(device)}
+    first = {}
+    for name, c in (("worker", cfg), ("device", moved)):
+        stream = iter(train_loader(dataclasses.replace(c, num_workers=0), shardset, batch_size=batch, rank=0, world_size=1,
+                                   epoch=0, seed=0, device=device))
+        try:
+            first[name] = next(stream)
+        finally:
+            stream.close()
+    worker_clips, device_clips = first["worker"]["clips"], first["device"]["clips"]
+    difference = (worker_clips.to(device).int() - device_clips.int()).abs()
+    out.update(same_keys=first["worker"]["keys"] == first["device"]["keys"], clips_on=str(device_clips.device),
+               pixels_max_abs_difference=int(difference.max()), pixels_mean_abs_difference=float(difference.float().mean()))
+    rows = []
+    out["rows"] = rows
+    for count in sorted(set(counts)):
+        if budget.left() < 2:
+            rows.append({"workers": count, "resize_on": "device", "error": "section budget spent"})
+            continue
+        rows.append(loader_row(moved, shardset, batch, count, device, budget, ctx.plan.loader_seconds))
+    rates = [row for row in rows if row.get("clips_per_s")]
+    if rates:
+        fewest = min(rates, key=lambda row: row["workers"])
+        out["clips_per_s_per_worker"] = fewest["clips_per_s"] / fewest["workers"] if fewest["workers"] else fewest["clips_per_s"]
+        out["best_clips_per_s"] = max(row["clips_per_s"] for row in rates)
+    else:
+        not_measured(out, "clips_per_s_per_worker", "the section budget was spent before the device-crop rows")
+    return out
 
 
 def section_compile(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
@@ -1504,7 +1557,8 @@ def summary(report: dict[str, Any]) -> str:
         if dec and "error" in dec:
             lines += [f"Decoders alone: {dec['error']}", ""]
         elif dec:
-            lines += [f"Decoders alone ({dec['decoder']} vs simplejpeg, {dec['frames']} whole frames {dec['size']}): mean abs diff "
+            lines += [f"Decoders alone ({dec['decoder']} vs simplejpeg, {dec['frames']} whole frames of "
+                      f"{', '.join('x'.join(map(str, size)) for size in dec['sizes'])}): mean abs diff "
                       f"{fmt(dec['mean_abs'])}, p99 {dec['p99_abs']}, max {dec['max_abs']}; {fmt(dec['frames_per_s'])} frames/s.", ""]
     tr = s.get("training") or {}
     if tr.get("runs"):
@@ -1518,10 +1572,19 @@ def summary(report: dict[str, Any]) -> str:
     ld = s.get("loader") or {}
     if ld.get("rows"):
         lines += ["## Loader (CPU decode) against the model", ""]
-        lines += table(["workers", "clips/s"], [[row["workers"], row.get("clips_per_s")] for row in ld["rows"]]) + [""]
+        crop = ld.get("device_crop") or {}
+        rows = [[row["workers"], "worker", row.get("clips_per_s")] for row in ld["rows"]]
+        rows += [[row["workers"], f"device ({crop.get('device')})", row.get("clips_per_s")] for row in crop.get("rows", [])]
+        lines += table(["workers", "crop and resize on", "clips/s"], rows) + [""]
+        if "pixels_max_abs_difference" in crop:
+            lines += [f"data.resize_on device against the workers' crops of the same batch: same keys "
+                      f"{fmt(crop.get('same_keys'))}, pixels max abs difference {crop['pixels_max_abs_difference']}, mean "
+                      f"{fmt(crop.get('pixels_mean_abs_difference'))}.", ""]
         model = ", ".join(f"{fmt(rate)} ({name.replace('_', ' ')})" for name, rate in (ld.get("model_clips_per_s") or {}).items())
         lines += [f"Per worker {fmt(ld.get('clips_per_s_per_worker'))} clips/s; model {model} clips/s; bottleneck: "
-                  f"**{fmt(ld.get('bottleneck'))}**; CPU cores per GPU for CPU decoding: **{fmt(ld.get('cpu_cores_per_gpu'))}**. "
+                  f"**{fmt(ld.get('bottleneck'))}**; CPU cores per GPU for CPU decoding: **{fmt(ld.get('cpu_cores_per_gpu'))}** "
+                  f"({fmt(((ld.get('verdicts') or {}).get('today_at_micro_batch') or {}).get('cpu_cores_per_gpu_device_crop'))} with "
+                  f"the crop on the device). "
                   f"{ld.get('note', '')}", ""]
     cp = s.get("compile") or {}
     if cp.get("eager_clips_per_s"):
@@ -1663,7 +1726,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="folder for gpu_check.json, gpu_check.md and gpu_check.log (created)")
     parser.add_argument("--cpu-smoke", action="store_true", help="run on the CPU with the debug config and small sizes (CI)")
     parser.add_argument("--sections", help="comma-separated subset of the sections, in their order (default: all)")
-    parser.add_argument("--budget-s", type=float, help="total seconds for the sections (default: 320 on a GPU, 200 for --cpu-smoke)")
+    parser.add_argument("--budget-s", type=float, help="total seconds for the sections (default: 360 on a GPU, 200 for --cpu-smoke)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder with the data and the training run")
     parser.add_argument("--check-bundle", type=Path, metavar="DIR", help="check the wheels in DIR (`make gpu-bundle`) and exit")
     parser.add_argument("--python312", metavar="PYTHON", help="with --check-bundle: install and import them with this Python 3.12")

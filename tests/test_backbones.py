@@ -113,6 +113,32 @@ def test_i3d_matches_pytorchvideo_and_loads_its_file(tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("frames", [1, 4, 16])
+def test_i3d_stem_as_a_2d_conv_gives_the_3d_convs_output(frames: int) -> None:
+    """On CUDA the stem runs its (5, 7, 7) conv as a 2-D conv over the temporal taps (cuDNN's
+    bf16 3-D conv of 3 channels is 5x slower); it must be the same sums, edges in time included."""
+    from fusion.backbones.i3d import Stem
+
+    torch.manual_seed(0)
+    stem = Stem(16).eval()
+    x = torch.randn(2, 3, frames, 30, 38, dtype=torch.float64)
+    stem = stem.double()
+    with torch.no_grad():
+        torch.testing.assert_close(stem.conv_as_2d(x), stem.conv(x), rtol=1e-10, atol=1e-10)
+
+
+def test_stem_benchmark_runs_and_prints_every_form(capsys) -> None:
+    from launch import bench_stem
+
+    assert bench_stem.main(["--batch", "1", "--frames", "4", "--crop", "32", "--size", "debug", "--iterations", "1"]) == 0
+    printed = capsys.readouterr().out
+    for form in ("conv3d, channels padded to 8", "conv2d over temporal taps", "as built (conv3d on CPU)"):
+        assert form in printed
+    forms = printed.split("whole I3D")[0].splitlines()[2:]  # the first table's rows: ..., ms, ratio, error
+    errors = [float(line.split()[-1]) for line in forms]
+    assert len(errors) == 3 and max(errors) < 1e-5
+
+
 def test_r2plus1d_matches_torchvision(tmp_path: Path) -> None:
     from torchvision.models.video import r2plus1d_18
 

@@ -149,7 +149,7 @@ def test_nvjpeg_section_measures_the_cpu_side(smoke):
     assert nvjpeg["cpu_fallback_clips"] == 0  # the bytes path really decoded them (not the loader's silent fallback)
     decoders = nvjpeg["decoders"]  # the decoders alone, on whole stored frames
     assert decoders["frames"] > 0 and decoders["within_jpeg_tolerance"] and decoders["frames_per_s"] > 0
-    assert decoders["size"][0] == smoke[0]["sections"]["data"]["short_side"]
+    assert decoders["sizes"] and all(size[0] == smoke[0]["sections"]["data"]["short_side"] for size in decoders["sizes"])
 
 
 @pytest.mark.slow
@@ -175,6 +175,11 @@ def test_loader_against_the_model(smoke):
     assert model == report["sections"]["throughput"]["today_at_micro_batch"]["clips_per_s"]
     expected = "loader" if loader["best_clips_per_s"] < model else "model"
     assert loader["bottleneck"] == expected and report["verdict"]["bottleneck"] == expected
+    # data.resize_on: device, with the CPU as the device: the same keys and the very same pixels
+    crop = loader["device_crop"]
+    assert crop["same_keys"] and crop["clips_on"] == "cpu" and crop["pixels_max_abs_difference"] == 0
+    assert crop["rows"] and all(row["resize_on"] == "device" and row["clips_per_s"] > 0 for row in crop["rows"])
+    assert loader["verdicts"]["today_at_micro_batch"]["cpu_cores_per_gpu_device_crop"] >= 1
 
 
 @pytest.mark.slow
@@ -277,6 +282,26 @@ def expected_wheel_names() -> list[str]:
         tag = "cp311-abi3-manylinux_2_28_x86_64" if name == "av" else tag
         names.append(f"{name.replace('-', '_')}-{version}-{tag}.whl")
     return names
+
+
+def test_the_decoders_alone_take_frames_of_several_sizes(tmp_path):
+    """The H100 run's shard held clips 320 and 352 px wide: the decoder comparison stacked them
+    and failed. Frames of mixed sizes are compared frame by frame."""
+    import types
+
+    import numpy as np
+    import simplejpeg
+    import webdataset as wds
+
+    rng = np.random.default_rng(0)
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as sink:
+        for index, width in enumerate((32, 48, 32)):
+            pixels = rng.integers(0, 256, (24, width, 3), dtype=np.uint8)
+            sink.write({"__key__": f"clip{index}", "000.jpg": simplejpeg.encode_jpeg(pixels, quality=90)})
+    shardset = types.SimpleNamespace(url=str(tmp_path), shards=["shard-000000.tar"])
+    result = gpu_check.decoder_difference(shardset, torch.device("cpu"), 64)
+    assert result["frames"] == 3 and result["sizes"] == [[24, 32], [24, 48]]
+    assert result["pixels"] == 24 * (32 + 48 + 32) * 3 and result["within_jpeg_tolerance"]
 
 
 def test_bundle_check_finds_missing_duplicate_foreign_and_unfit_wheels(tmp_path):
