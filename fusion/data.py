@@ -31,7 +31,15 @@ every rank takes the same decisions without talking to the others):
    skipped positions of a lane are read as raw bytes and dropped without decoding. The resumed
    loader yields exactly the batches ``k..L-1`` of the uninterrupted one (MosaicML #880,
    LitData #213, WebDataset #177/#271), provided seed, world size, workers and batch size are
-   the same.
+   the same. **With another layout** (ranks, workers or batch size), the old layout is passed
+   as a :class:`Stint` (its batches done per rank): the positions its lanes consumed follow
+   from its plan alone (a lane's first ``j`` batches are the first ``j*B`` positions of its
+   run in window order), and the rest of the sequence, in order, is planned afresh for the new
+   layout as in steps 2-3. Every clip the stopped run had not trained is trained once (but a
+   tail that does not fill a batch on every rank), none it trained is read again, and stints
+   chain when a run changes layout twice in an epoch. The next epoch plans the new layout
+   from scratch. The assumption: the shards read as planned (a lost shard shifts a lane's
+   windows, so after one the consumed set is approximate; such losses are counted anyway).
 6. **Reads.** A shard whose manifest entry has ``offsets`` (:mod:`sharding.shard_index`) is
    read from the first byte of the segment's first sample to the last byte of its last (a
    seek, an S3 ``Range`` GET), so a lane that starts mid-shard reads nothing before its run;
@@ -81,6 +89,7 @@ instead of ``clips``. A training epoch draws one of each clip's stored views at 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -441,18 +450,104 @@ def _balanced_bounds(total: int, parts: int, part: int) -> tuple[int, int]:
     return total * part // parts, total * (part + 1) // parts
 
 
-def train_plan(shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int, lanes: int) -> list[LanePlan]:
-    """The lanes of ``rank`` for one training epoch (see the module docstring, steps 1-3)."""
-    per_rank = batches_per_rank(shardset.num_samples, batch_size, world_size)
-    order = epoch_shard_order(shardset, seed, epoch)
-    rank_start = rank * per_rank * batch_size
-    whole_epoch = segments_for(shardset, order, 0, shardset.num_samples)
-    plans, offset = [], rank_start
+@dataclass(frozen=True)
+class Stint:
+    """Part of an epoch that a run with another layout trained already, which a run resumed
+    with a new layout must not repeat: that run's ranks, loader lanes (``max(1, num_workers)``),
+    batch size and shuffle window, and how many batches each of its ranks finished."""
+
+    world_size: int
+    lanes: int
+    batch_size: int
+    shuffle_window: int
+    batches: int
+
+
+def _lane_runs(count: int, per_rank: int, batch_size: int, rank: int, lanes: int) -> Iterator[tuple[int, int, int, tuple[int, ...]]]:
+    """(lane, start, stop, batch ids) of ``rank``'s lanes over a sequence of ``count`` positions."""
+    offset = rank * per_rank * batch_size
     for lane in range(lanes):
         batch_ids = tuple(range(lane, per_rank, lanes))
         size = len(batch_ids) * batch_size
-        plans.append(LanePlan(lane, segments_for(shardset, order, offset, offset + size), size, batch_ids, whole_epoch))
+        yield lane, offset, offset + size, batch_ids
         offset += size
+
+
+def _window_order(count: int, window: int, seed_text: str) -> list[int]:
+    """The order :func:`_windowed` puts ``count`` samples in, as their indices."""
+    order: list[int] = []
+    for number, start in enumerate(range(0, count, window)):
+        chunk = list(range(start, min(start + window, count)))
+        random.Random(f"{seed_text}:{number}").shuffle(chunk)
+        order += chunk
+    return order
+
+
+def _order_text(seed: int, epoch: int, rank: int, world_size: int, stints: int) -> str:
+    """What seeds a lane's windows (with the lane, read pass and window number)."""
+    return f"order:{seed}:{epoch}:{rank}:{world_size}" + (f":after{stints}" if stints else "")
+
+
+def epoch_positions(shardset: ShardSet, *, seed: int, epoch: int, stints: tuple[Stint, ...] = ()) -> list[int]:
+    """The positions of the epoch's sequence (step 1 of the module docstring) still to train,
+    in order: all of them without ``stints``; after each stint, every position its layout's
+    plan had not consumed yet. A lane's first ``j`` batches consumed the first ``j * B`` positions
+    of its run in window order, so this needs nothing but the plan; the tail a stint's layout
+    dropped stays in (those clips were not trained)."""
+    positions = list(range(shardset.num_samples))
+    for number, stint in enumerate(stints):
+        per_rank = batches_per_rank(len(positions), stint.batch_size, stint.world_size)
+        if not 0 <= stint.batches <= per_rank:
+            raise ValueError(f"stint {number}: {stint.batches} batches done, but its layout has {per_rank} per rank")
+        taken: set[int] = set()
+        for rank in range(stint.world_size):
+            text = _order_text(seed, epoch, rank, stint.world_size, number)
+            for lane, start, stop, batch_ids in _lane_runs(len(positions), per_rank, stint.batch_size, rank, stint.lanes):
+                done = sum(1 for batch_id in batch_ids if batch_id < stint.batches) * stint.batch_size
+                order = _window_order(stop - start, stint.shuffle_window, f"{text}:{lane}:0")
+                taken.update(positions[start + index] for index in order[:done])
+        positions = [position for position in positions if position not in taken]
+    return positions
+
+
+def segments_of(shardset: ShardSet, order: list[int], positions: list[int]) -> tuple[Segment, ...]:
+    """The shard pieces that hold ``positions`` of the sequence ``order``, in their order: runs
+    of consecutive positions in one shard become one segment (one ranged read)."""
+    names, sizes = shardset.shards, shardset.shard_sizes
+    starts, offset = [], 0
+    for index in order:
+        starts.append(offset)
+        offset += sizes[index]
+    segments: list[Segment] = []
+    current = None  # [shard slot, start, stop] in the shard's own positions
+    for position in positions:
+        slot = bisect.bisect_right(starts, position) - 1
+        local = position - starts[slot]
+        if current is not None and current[0] == slot and current[2] == local:
+            current[2] += 1
+            continue
+        if current is not None:
+            segments.append(Segment(names[order[current[0]]], current[1], current[2]))
+        current = [slot, local, local + 1]
+    if current is not None:
+        segments.append(Segment(names[order[current[0]]], current[1], current[2]))
+    return tuple(segments)
+
+
+def train_plan(shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int, lanes: int,
+               stints: tuple[Stint, ...] = ()) -> list[LanePlan]:
+    """The lanes of ``rank`` for one training epoch (see the module docstring, steps 1-3); with
+    ``stints``, for what they left of it (step 5)."""
+    order = epoch_shard_order(shardset, seed, epoch)
+    positions = epoch_positions(shardset, seed=seed, epoch=epoch, stints=stints) if stints else None
+    count = shardset.num_samples if positions is None else len(positions)
+    per_rank = batches_per_rank(count, batch_size, world_size)
+    whole_epoch = segments_for(shardset, order, 0, shardset.num_samples)
+    plans = []
+    for lane, start, stop, batch_ids in _lane_runs(count, per_rank, batch_size, rank, lanes):
+        segments = (segments_for(shardset, order, start, stop) if positions is None
+                    else segments_of(shardset, order, positions[start:stop]))
+        plans.append(LanePlan(lane, segments, stop - start, batch_ids, whole_epoch))
     return plans
 
 
@@ -1357,10 +1452,14 @@ def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
 
 
 def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
-                 skip_batches: int = 0, device: str | torch.device | None = None) -> Loader:
+                 skip_batches: int = 0, device: str | torch.device | None = None, stints: tuple[Stint, ...] = ()) -> Loader:
     """Training batches of ``rank`` for ``epoch``: shuffled, random-resized-cropped, a random
     frame from each of ``data.frames`` segments, every rank the same number;
     ``skip_batches=k`` resumes at batch ``k`` of the epoch exactly.
+
+    ``stints``: the parts of this epoch that runs with other layouts (ranks, workers, batch
+    size) trained before a resume; the epoch's rest is planned afresh for this layout, each
+    remaining clip once, and nothing they consumed is read (step 5 of the module docstring).
 
     ``len()`` is the number of batches still to come (``batches_per_rank(...) - k``).
     ``device`` is where ``decode: gpu`` decodes the batch (default ``cuda``; ``cpu`` runs the
@@ -1371,14 +1470,15 @@ def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: 
     if cfg.flip:
         shardset.check_flip_labels()
     sampling = Sampling.of(cfg, shardset)
-    per_rank = batches_per_rank(shardset.num_samples, batch_size, world_size)
+    lanes = max(1, cfg.num_workers)
+    plans = train_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed, lanes=lanes,
+                       stints=stints)
+    per_rank = sum(len(plan.batch_ids) for plan in plans)
     if not 0 <= skip_batches <= per_rank:
         raise ValueError(f"skip_batches={skip_batches} is outside 0..{per_rank} (batches per rank this epoch)")
-    lanes = max(1, cfg.num_workers)
-    plans = train_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed, lanes=lanes)
     dataset = _LaneDataset(
         shardset, cfg, plans, sampling=sampling, batch_size=batch_size, skip_batches=skip_batches,
-        seed_text=f"order:{seed}:{epoch}:{rank}:{world_size}", crop_seed_text=crop_seed_text(seed, epoch),
+        seed_text=_order_text(seed, epoch, rank, world_size, len(stints)), crop_seed_text=crop_seed_text(seed, epoch),
         fill=True, require_label=True, announce=rank == 0,
         feature_view=epoch % shardset.feature_spec.views if shardset.is_features else 0,
     )

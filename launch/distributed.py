@@ -40,6 +40,10 @@ from fusion.model import optimizer_groups, weight_decay_summary
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+# Beside DeepSpeed's files in each checkpoint: the head's whole training state, unpartitioned,
+# which a run resumed on another number of ranks loads (DeepSpeed's own ZeRO files hold one
+# optimizer partition per rank and load only at the world size that wrote them).
+WHOLE_STATE = "whole_state.pt"
 # The share of the run spent warming up when ds.json says "warmup_num_steps": "auto"
 # (CAST: 5 warmup epochs of 50).
 AUTO_WARMUP_FRACTION = 0.1
@@ -423,6 +427,103 @@ def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     return state
 
 
+def _inner_optimizer(engine: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's ZeRO wrapper."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _link_moments(engine: Any) -> None:
+    """Point ZeRO's per-parameter fragments at the optimizer's current state. DeepSpeed 0.19.8
+    links them once, right after the first group's first step (it steps one parameter group at
+    a time), so the other groups' fragments stay empty and ``safe_get_full_optimizer_state``
+    fails for them ("exp_avg not found"); linking again once every group has state fixes that."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked") and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _moment_keys(engine: Any) -> list[str]:
+    """The optimizer's per-parameter state tensors (AdamW: ``exp_avg``, ``exp_avg_sq``)."""
+    for state in _inner_optimizer(engine).state.values():
+        return sorted(key for key, value in state.items() if key != "step" and torch.is_tensor(value) and value.dim() > 0)
+    return []
+
+
+def whole_training_state(engine: Any, client_state: dict[str, Any]) -> dict[str, Any]:
+    """The head's training state, whole: fp32 master weights, optimizer moments and step,
+    scheduler, DeepSpeed's counters and ``client_state``. Every rank must call it (ZeRO's
+    partitions are gathered); it is the same on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    _link_moments(engine)
+    keys = _moment_keys(engine)
+    params = {}
+    for name, param in engine.module.named_parameters():
+        if param.requires_grad:
+            params[name] = {"fp32": safe_get_full_fp32_param(param).float().cpu().clone(),
+                            **{key: safe_get_full_optimizer_state(param, key).float().cpu().clone() for key in keys}}
+    steps = [state["step"] for state in _inner_optimizer(engine).state.values() if "step" in state]
+    scheduler = getattr(engine, "lr_scheduler", None)
+    return {"params": params, "moments": keys, "buffers": {k: v.detach().cpu().clone() for k, v in engine.module.named_buffers()},
+            "optimizer_step": float(steps[0]) if steps else 0.0, "scheduler": scheduler.state_dict() if scheduler else None,
+            "global_steps": engine.global_steps, "global_samples": engine.global_samples, "client_state": client_state}
+
+
+def load_whole_training_state(engine: Any, state: dict[str, Any]) -> None:
+    """Put :func:`whole_training_state` into an engine of any number of ranks (all call it)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    inner = _inner_optimizer(engine)
+    if not inner.state:
+        # torch optimizers make their state at the first step, and ZeRO links its fragments to
+        # it only then (DeepSpeed's own universal-checkpoint loading does the same as below)
+        if not hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            raise ConfigError(f"cannot load a whole training state into {type(engine.optimizer).__name__}: resume with the layout "
+                              "the run was saved with")
+        for group in inner.param_groups:
+            for flat in group["params"]:
+                inner.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
+                                     **{key: torch.zeros_like(flat) for key in state["moments"]}}
+    _link_moments(engine)
+    keys = _moment_keys(engine)
+    if keys != state["moments"]:
+        raise ConfigError(f"the checkpoint's optimizer kept {state['moments']}, this one keeps {keys}: resume with the run's ds.json")
+    named = dict(engine.module.named_parameters())
+    if set(state["params"]) != {name for name, param in named.items() if param.requires_grad}:
+        raise ConfigError("the checkpoint's head has other parameters than this one: resume with the run's model config")
+    for name, entry in state["params"].items():
+        param = named[name]
+        safe_set_full_fp32_param(param, entry["fp32"].to(param.device))
+        for key in keys:
+            safe_set_full_optimizer_state(param, entry[key].to(param.device), key)
+        with torch.no_grad():  # the module's own (bf16) copy: ZeRO refreshes it from the masters only after a step
+            param.copy_(entry["fp32"].to(param.dtype))
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            buffer.copy_(state["buffers"][name])
+    for optimizer_state in _inner_optimizer(engine).state.values():
+        if "step" in optimizer_state:
+            step = optimizer_state["step"]
+            optimizer_state["step"] = (torch.full_like(step, state["optimizer_step"]) if torch.is_tensor(step)
+                                       else type(step)(state["optimizer_step"]))
+    if state["scheduler"] is not None and getattr(engine, "lr_scheduler", None) is not None:
+        engine.lr_scheduler.load_state_dict(state["scheduler"])
+        # the rate the next step uses: the scheduler set it on the groups after the last step
+        for group, rate in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = rate
+    engine.global_steps, engine.global_samples = state["global_steps"], state["global_samples"]
+
+
+def read_whole_state(out: Path, tag: str) -> dict[str, Any] | None:
+    """The whole training state saved with checkpoint ``tag`` (memory-mapped), or None for a
+    checkpoint written before it existed."""
+    path = checkpoint_dir(out) / tag / WHOLE_STATE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -481,11 +582,12 @@ def _gathered(value: Any) -> list[Any]:
 
 
 def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, Any], *, keep: int, is_main: bool,
-                    check_space: bool = True) -> str:
+                    check_space: bool = True, whole_state: dict[str, Any] | None = None) -> str:
     """Save head, optimizer, scheduler and ``client_state`` under ``out/checkpoints/stepNNNNNNNN``.
 
     All ranks call this. ``latest`` moves (atomically) only after every rank has written its
-    optimizer partition; then all but the ``keep`` newest checkpoints are deleted (0 keeps all).
+    optimizer partition (and rank 0 ``whole_state``, :func:`whole_training_state`, as
+    ``WHOLE_STATE``); then all but the ``keep`` newest checkpoints are deleted (0 keeps all).
 
     A checkpoint that cannot be written raises :class:`CheckpointError` on every rank, naming
     the path and the cause, and leaves no partial folder behind; ``latest`` and the previous
@@ -520,6 +622,12 @@ def save_checkpoint(engine: Any, out: Path, step: int, client_state: dict[str, A
         # before its writes, and the folder exists already (made above), so a failure can only
         # be in the writes; what is left is its closing barrier, where the others wait.
         barrier()
+    if failure is None and is_main and whole_state is not None:
+        try:
+            torch.save(whole_state, target / f".{WHOLE_STATE}.tmp")
+            os.replace(target / f".{WHOLE_STATE}.tmp", target / WHOLE_STATE)
+        except Exception as error:
+            failure = write_error(error, target / WHOLE_STATE)
     failures = _gathered(failure)
     if any(f is not None for f in failures):
         if is_main:

@@ -23,6 +23,9 @@ Resume: a checkpoint stores the data position (epoch, micro-batches done in it);
 order is a pure function of (seed, epoch, rank, world size, workers, batch size), so the
 resumed loader skips exactly the batches already trained on. Dropout is seeded per
 micro-batch from the same coordinates, so a resumed run repeats the interrupted one exactly.
+A resume on other ranks, workers or micro-batch (same global batch) loads the checkpoint's
+whole training state instead of DeepSpeed's per-rank files and replans the epoch's untrained
+rest for the new layout (:func:`restore`, :class:`fusion.data.Stint`).
 
 Start reading at :func:`main`; the loop is :func:`fit`.
 """
@@ -57,7 +60,7 @@ from launch import distributed  # first: sets DeepSpeed's environment before any
 from fusion.backbones.weights import RandomWeightsWarning, WeightsError
 from fusion.config import ConfigError, load, option, render_help, to_dict
 from fusion.features import check_compatible, expected_record
-from fusion.data import ERROR_KEYS, DataConfig, Loader, Sampling, ShardSet, batches_per_rank, train_loader, val_loader
+from fusion.data import ERROR_KEYS, DataConfig, Loader, Sampling, ShardSet, Stint, batches_per_rank, train_loader, val_loader
 from fusion.model import FusionClassifier, ModelConfig, build_model, format_report, parameter_report
 from launch.distributed import BatchPlan, Ranks
 from sharding import storage
@@ -113,10 +116,17 @@ class RunConfig:
 
 @dataclass
 class Position:
-    """Where in the data the run stands: ``batch`` micro-batches of ``epoch`` are done."""
+    """Where in the data the run stands: ``batch`` micro-batches of ``epoch`` are done. After
+    a resume with another layout, ``stints`` lists the layouts that trained parts of this
+    epoch before (:class:`fusion.data.Stint` as dicts), and ``batch`` counts in the rest."""
 
     epoch: int = 0
     batch: int = 0
+    stints: list[dict[str, int]] = dataclasses.field(default_factory=list)
+
+    def at(self, batch: int) -> "Position":
+        """The same epoch and stints, ``batch`` micro-batches in."""
+        return Position(self.epoch, batch, list(self.stints))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -358,7 +368,8 @@ class Run:
     def layout(self) -> dict[str, Any]:
         """What the data order depends on beyond the epoch: a resumed run must match it."""
         return {"world_size": self.plan.world_size, "micro_batch": self.plan.micro, "accumulation": self.plan.accumulation,
-                "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed, "train_samples": self.train_set.num_samples}
+                "num_workers": self.cfg.data.num_workers, "seed": self.cfg.train.seed, "train_samples": self.train_set.num_samples,
+                "shuffle_window": self.cfg.data.shuffle_window}
 
 
 def batch_features(run: Run, batch: dict[str, Any], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,7 +487,11 @@ def shard_info(shards: ShardSet) -> dict[str, Any]:
 def checkpoint(run: Run, position: Position) -> None:
     state = {"position": dataclasses.asdict(position), "layout": run.layout(), "config": to_dict(run.cfg),
              "shards": shard_info(run.train_set), "ds_config": run.ds_config, "last_validated": run.last_validated}
-    tag = distributed.save_checkpoint(run.engine, run.out, run.step, state, keep=run.cfg.train.keep_checkpoints, is_main=run.ranks.is_main)
+    # gathered on every rank (a collective), written by rank 0: what a resume on another
+    # number of ranks loads
+    whole = distributed.whole_training_state(run.engine, state)
+    tag = distributed.save_checkpoint(run.engine, run.out, run.step, state, keep=run.cfg.train.keep_checkpoints,
+                                      is_main=run.ranks.is_main, whole_state=whole if run.ranks.is_main else None)
     run.last_saved = run.step
     run.log(f"checkpoint {run.out / distributed.CHECKPOINTS / tag} (epoch {position.epoch}, batch {position.batch})")
 
@@ -549,30 +564,42 @@ def stop_for_signal(run: Run, position: Position) -> None:
 
 class SampleLog:
     """``OUT/samples/rank-R.jsonl`` (``train.record_samples``): one row per micro-batch with its
-    epoch, batch index, step and clip ids; rows past a resumed checkpoint are dropped, as the
-    resumed run writes them again."""
+    epoch, part (how many layout changes came before it in the epoch), batch index, step and
+    clip ids; rows past a resumed checkpoint are dropped, as the resumed run writes them again
+    (rank 0 also trims the files of ranks a resume on fewer ranks no longer has)."""
 
-    def __init__(self, out: Path, rank: int, enabled: bool, position: Position) -> None:
+    def __init__(self, out: Path, rank: int, enabled: bool, position: Position, world_size: int = 1) -> None:
         self.file = None
         if not enabled:
             return
-        path = out / "samples" / f"rank-{rank:05d}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # torn by a kill
-                if (row["epoch"], row["batch"]) < (position.epoch, position.batch):
-                    kept.append(line)
-            path.write_text("".join(line + "\n" for line in kept))
+        folder = out / "samples"
+        path = folder / f"rank-{rank:05d}.jsonl"
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = [path]
+        if rank == 0:
+            mine += [other for other in sorted(folder.glob("rank-*.jsonl")) if int(other.stem.split("-")[1]) >= world_size]
+        for file in mine:
+            if file.exists():
+                self._trim(file, position)
         self.file = path.open("a")
 
-    def write(self, epoch: int, batch: int, step: int, keys: list[str]) -> None:
+    @staticmethod
+    def _trim(path: Path, position: Position) -> None:
+        kept = []
+        here = (position.epoch, len(position.stints), position.batch)
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn by a kill
+            if (row["epoch"], row.get("part", 0), row["batch"]) < here:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, position: Position, batch: int, step: int, keys: list[str]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps({"epoch": epoch, "batch": batch, "step": step, "keys": keys}) + "\n")
+            row = {"epoch": position.epoch, "part": len(position.stints), "batch": batch, "step": step, "keys": keys}
+            self.file.write(json.dumps(row) + "\n")
             self.file.flush()
 
     def close(self) -> None:
@@ -609,12 +636,17 @@ def fit(run: Run, position: Position) -> None:
         for epoch in range(position.epoch, cfg.train.epochs):
             if run.step >= run.total_steps:
                 break
-            first = position.batch if epoch == position.epoch else 0
+            here = position if epoch == position.epoch else Position(epoch)
+            first = here.batch
             loader = train_loader(cfg.data, run.train_set, batch_size=run.plan.micro, rank=ranks.rank, world_size=ranks.world_size,
-                                  epoch=epoch, seed=cfg.train.seed, skip_batches=first, device=ranks.device)
+                                  epoch=epoch, seed=cfg.train.seed, skip_batches=first, device=ranks.device,
+                                  stints=tuple(Stint(**stint) for stint in here.stints))
+            # after a layout change the epoch's rest is replanned: its own number of batches
+            epoch_batches = (run.batches_per_epoch if not here.stints
+                             else (first + len(loader)) // run.plan.accumulation * run.plan.accumulation)
             batches = iter(loader)
             index = first
-            while index < run.batches_per_epoch and run.step < run.total_steps:
+            while index < epoch_batches and run.step < run.total_steps:
                 failure = None
                 with meter.waiting():
                     try:
@@ -626,34 +658,34 @@ def fit(run: Run, position: Position) -> None:
                 failed, signalled = distributed.sum_on_host([float(failure is not None), float(run.stop.signal is not None)])
                 if failed:
                     del batches  # stop this epoch's loader workers
-                    stop_for_data(run, Position(epoch, index - index % run.plan.accumulation),
+                    stop_for_data(run, here.at(index - index % run.plan.accumulation),
                                   f"training data unreachable: {failure or 'the loader failed on another rank'}")
                 if signalled and index % run.plan.accumulation == 0:
                     del batches
-                    stop_for_signal(run, Position(epoch, index))
+                    stop_for_signal(run, here.at(index))
                 run.stop.pending = run.stop.pending or bool(signalled)
                 meter.add(*train_micro_batch(run, batch, step_seed(cfg.train.seed, ranks.rank, epoch, index)))
-                run.samples.write(epoch, index, run.step, batch["keys"])
+                run.samples.write(here, index, run.step, batch["keys"])
                 index += 1
                 if index % run.plan.accumulation:
                     continue
                 if run.stop.pending:  # a signal mid-accumulation: this step is finished, stop here
                     del batches
-                    stop_for_signal(run, Position(epoch, index))
+                    stop_for_signal(run, here.at(index))
                 bar.update(1)
-                position = Position(epoch, index)
+                position = here.at(index)
                 if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
                     values = {**meter.reduce(), "lr": engine.get_lr()[0]}
                     run.metrics.write("train", run.step, epoch, values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", clips_s=f"{values['clips_per_s']:.1f}")
                     check_data_budget(run, loader, position)
-                if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 and index < run.batches_per_epoch:
+                if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0 and index < epoch_batches:
                     with meter.paused():
                         checkpoint(run, position)
             del batches  # stop this epoch's loader workers before validation starts its own
             record_data_errors(run, "train_data", epoch, loader)
             check_data_budget(run, loader, position)
-            if index == run.batches_per_epoch:
+            if index == epoch_batches:
                 position = Position(epoch + 1, 0)
                 with meter.paused():
                     validate(run, epoch)
@@ -674,26 +706,76 @@ def prepare_out(out: Path, resume: bool) -> None:
         raise ConfigError(f"--out {out} already holds a run (checkpoints/latest): pass --resume to continue it, or choose another --out")
 
 
+# what a resume may change: the data order of the epoch's rest is replanned for the new layout
+ELASTIC_KEYS = ("world_size", "micro_batch", "accumulation", "num_workers")
+
+
 def restore(run: Run) -> Position:
-    """Load the latest checkpoint in ``run.out`` (if any) and return the data position to go on from."""
-    state = distributed.load_checkpoint(run.engine, run.out)
-    if state is None:
+    """Load the latest checkpoint in ``run.out`` (if any) and return the data position to go on from.
+
+    With the layout it was written with, DeepSpeed's own files are loaded and the epoch goes on
+    exactly where it stopped. With other ranks, workers, micro-batch or accumulation but the
+    same global batch, the whole training state saved beside them is loaded into this layout
+    (:func:`launch.distributed.load_whole_training_state`) and the stopped layout becomes a
+    :class:`fusion.data.Stint` of the epoch: its rest is planned afresh, each clip not yet
+    trained once. Anything else the data order depends on is refused, with the differences.
+    """
+    tag = distributed._shared(distributed.latest_tag(run.out))
+    if tag is None:
         run.log(f"--resume: no checkpoint in {run.out}; starting from the beginning")
         return Position()
-    saved, now = state["layout"], run.layout()
-    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved.get(key) != now[key]]
-    if changed:
-        raise ConfigError(
-            f"cannot resume {run.out} exactly: {', '.join(changed)}; the data order depends on these, so resume with the "
-            "values the run started with (or start a new --out)"
-        )
-    if state["config"]["model"] != to_dict(run.cfg.model):
-        raise ConfigError(f"cannot resume {run.out}: its model config differs from this one; resume with the run's config ({run.out}/config.yaml)")
+    whole = distributed.read_whole_state(run.out, tag)
+    now = run.layout()
+    saved = whole["client_state"]["layout"] if whole is not None else None
+    changed_keys = {key for key in now if saved is not None and key in saved and saved[key] != now[key]}
+    elastic = bool(changed_keys) and changed_keys <= set(ELASTIC_KEYS)
+    if elastic:
+        old_batch = saved["micro_batch"] * saved["accumulation"] * saved["world_size"]
+        if old_batch != run.plan.global_batch:
+            raise ConfigError(
+                f"cannot resume {run.out} on this layout: its global batch was {old_batch} clips "
+                f"({saved['world_size']} ranks x {saved['micro_batch']} x {saved['accumulation']} accumulation), now "
+                f"{run.plan.global_batch}; keep the global batch (set train_batch_size in ds.json) so the schedule and the "
+                "epoch's steps stay the run's"
+            )
+        state = whole["client_state"]
+        _check_model(run, state)
+        distributed.load_whole_training_state(run.engine, whole)
+        position = Position(**state["position"])
+        if position.batch:
+            old_window = state["config"]["data"].get("shuffle_window", run.cfg.data.shuffle_window)
+            position.stints.append(dataclasses.asdict(Stint(world_size=saved["world_size"], lanes=max(1, saved["num_workers"]),
+                                                             batch_size=saved["micro_batch"], shuffle_window=old_window,
+                                                             batches=position.batch)))
+            position.batch = 0
+        run.log(f"resumed {run.out} at step {run.step} on a new layout ({', '.join(_layout_changes(saved, now))}): epoch "
+                f"{position.epoch}, its untrained rest replanned for this one")
+    else:
+        state = distributed.load_checkpoint(run.engine, run.out)
+        saved = state["layout"]
+        changed = _layout_changes(saved, now)
+        if changed:
+            can = " (a checkpoint with whole_state.pt could change ranks, workers or micro-batch)" if whole is None else ""
+            raise ConfigError(
+                f"cannot resume {run.out} exactly: {', '.join(changed)}; the data order depends on these, so resume with the "
+                f"values the run started with (or start a new --out){can}"
+            )
+        _check_model(run, state)
+        position = Position(**state["position"])
+        run.log(f"resumed {run.out} at step {run.step}: epoch {position.epoch}, {position.batch} micro-batches into it")
     run.last_saved = run.step
     run.last_validated = state.get("last_validated", -1)
-    position = Position(**state["position"])
-    run.log(f"resumed {run.out} at step {run.step}: epoch {position.epoch}, {position.batch} micro-batches into it")
     return position
+
+
+def _layout_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for each layout value that differs (keys a checkpoint predates are not compared)."""
+    return [f"{key} {saved[key]} -> {now[key]}" for key in now if key in saved and saved[key] != now[key]]
+
+
+def _check_model(run: Run, state: dict[str, Any]) -> None:
+    if state["config"]["model"] != to_dict(run.cfg.model):
+        raise ConfigError(f"cannot resume {run.out}: its model config differs from this one; resume with the run's config ({run.out}/config.yaml)")
 
 
 def deterministic_kernels() -> None:
@@ -747,7 +829,7 @@ def setup(args: argparse.Namespace, cfg: RunConfig) -> tuple[Run, Position]:
               steps_per_epoch=per_epoch, total_steps=steps, out=args.out, ds_config=ds_config)
     position = restore(run) if args.resume else Position()
     run.metrics = MetricsLog(args.out, main_rank, run.step)
-    run.samples = SampleLog(args.out, rank, cfg.train.record_samples, position)
+    run.samples = SampleLog(args.out, rank, cfg.train.record_samples, position, world_size)
     return run, position
 
 

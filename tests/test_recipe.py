@@ -183,3 +183,43 @@ def test_deterministic_switch_turns_on_deterministic_kernels(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+
+
+def test_the_whole_training_state_moves_into_another_engine(one_rank):
+    """What a resume on another number of ranks loads: fp32 masters, AdamW's moments and
+    step, the schedule and DeepSpeed's counters. Put into a fresh engine, the next step is the
+    very step the first engine takes."""
+    config = repo_ds_config(total_steps=20)
+    head = debug_head()
+    width_s, width_m = head.semantic_proj.proj.in_features, head.motion_proj.proj.in_features
+    generator = torch.Generator().manual_seed(3)
+
+    def batch():
+        return (torch.randn(2, 8, width_s, generator=generator), torch.randn(2, 4, width_m, generator=generator),
+                torch.tensor([0, 1]))
+
+    def step(engine, semantic, motion, labels):
+        engine.backward(F.cross_entropy(engine(semantic, motion), labels))
+        engine.step()
+
+    first = distributed.wrap_head(head, config)
+    for _ in range(3):
+        step(first, *batch())
+    whole = distributed.whole_training_state(first, {"note": "client"})
+    assert whole["optimizer_step"] == 3 and whole["global_steps"] == 3 and whole["moments"] == ["exp_avg", "exp_avg_sq"]
+    assert all(entry["exp_avg"].abs().sum() > 0 for entry in whole["params"].values())
+
+    second = distributed.wrap_head(debug_head(), repo_ds_config(total_steps=20))  # other weights, no state yet
+    distributed.load_whole_training_state(second, whole)
+    again = distributed.whole_training_state(second, {"note": "client"})
+    for name, entry in whole["params"].items():
+        for key, value in entry.items():
+            assert torch.equal(again["params"][name][key], value), (name, key)
+    assert again["scheduler"] == whole["scheduler"] and second.get_lr() == first.get_lr()
+
+    same = batch()
+    for engine in (first, second):
+        torch.manual_seed(11)  # the same dropout masks
+        step(engine, *same)
+    for (name, a), (_, b) in zip(first.module.named_parameters(), second.module.named_parameters()):
+        assert torch.equal(a, b), name
