@@ -872,29 +872,32 @@ def section_latency(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
     r["real_time"] = any(row["real_time"] for row in rows)
 
 
-def collect_clips(cfg, shardset, device: torch.device | None) -> tuple[torch.Tensor, list[str], float]:
+def collect_clips(cfg, shardset, device: torch.device | None) -> tuple[torch.Tensor, list[str], float, int]:
     """Every clip of ``shardset`` through ``val_loader`` (centre crop, segment middles):
-    (uint8 clips on the CPU, keys, clips/s of the loader)."""
+    (uint8 clips on the CPU, keys, clips/s of the loader, clips decoded on the CPU after all)."""
     from fusion.data import val_loader
 
     clips, keys = [], []
     start = time.perf_counter()
-    for batch in val_loader(cfg, shardset, batch_size=8, rank=0, world_size=1, device=device):
+    loader = val_loader(cfg, shardset, batch_size=8, rank=0, world_size=1, device=device)
+    for batch in loader:
         clips.append(batch["clips"])
         keys += batch["keys"]
     if device is not None:
         synchronize(device)
     elapsed = time.perf_counter() - start
-    return torch.cat([c.cpu() for c in clips]), keys, len(keys) / elapsed
+    # clips data.decode gpu decoded on the CPU after all (JPEGs the device decoder refused): a GPU figure must not be a CPU one
+    return torch.cat([c.cpu() for c in clips]), keys, len(keys) / elapsed, loader.stats["cpu_decode_fallbacks"]
 
 
-def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_s: float) -> float:
+def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_s: float) -> tuple[float, int]:
     """clips/s through ``val_loader`` with ``cfg``'s workers, for at most ``max_s`` (the
-    first batch, the start-up, is not counted)."""
+    first batch, the start-up, is not counted), and the clips it decoded on the CPU after all."""
     from fusion.data import val_loader
 
     seen, start = 0, None
-    stream = iter(val_loader(cfg, shardset, batch_size=8, rank=0, world_size=1, device=device))
+    loader = val_loader(cfg, shardset, batch_size=8, rank=0, world_size=1, device=device)
+    stream = iter(loader)
     try:
         for batch in stream:
             if start is None:
@@ -907,7 +910,7 @@ def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_
         stream.close()
     if device is not None:
         synchronize(device)
-    return seen / (time.perf_counter() - start) if start and seen else float("nan")
+    return (seen / (time.perf_counter() - start) if start and seen else float("nan")), loader.stats["cpu_decode_fallbacks"]
 
 
 def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
@@ -927,30 +930,6 @@ def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
              "tolerance": JPEG_TOLERANCE}
     stats["within_jpeg_tolerance"] = mean <= JPEG_TOLERANCE["mean_abs"] and p99 <= JPEG_TOLERANCE["p99_abs"]
     return stats
-
-
-@contextlib.contextmanager
-def counting_cpu_fallbacks() -> Iterator[dict[str, int]]:
-    """Counts the clips ``data.decode: gpu`` decodes on the CPU after all (the loader falls back,
-    silently, for JPEGs the device decoder refuses): a GPU figure must not be a CPU one."""
-    from fusion import data
-
-    counter = {"clips": 0}
-    original = getattr(data, "_decode_jpegs_on_cpu", None)
-    if original is None:
-        counter["clips"] = -1  # the loader has no such fallback any more: nothing to count
-        yield counter
-        return
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        counter["clips"] += 1
-        return original(*args, **kwargs)
-
-    data._decode_jpegs_on_cpu = counted
-    try:
-        yield counter
-    finally:
-        data._decode_jpegs_on_cpu = original
 
 
 def decoder_difference(shardset, device: torch.device, limit: int) -> dict[str, Any]:
@@ -993,7 +972,7 @@ def section_nvjpeg(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
     cpu_cfg = dataclasses.replace(ctx.cfg.data, num_workers=0, decode="cpu")
     gpu_cfg = dataclasses.replace(cpu_cfg, decode="gpu")
     r["shards"] = f"the synthetic training shards, {shardset.num_samples} clips, as val_loader reads them (centre crop {ctx.crop})"
-    cpu_clips, cpu_keys, cpu_rate = collect_clips(cpu_cfg, shardset, None)
+    cpu_clips, cpu_keys, cpu_rate, _ = collect_clips(cpu_cfg, shardset, None)
     r["clips"] = len(cpu_keys)
     r["cpu_decode"] = [{"workers": 0, "clips_per_s": cpu_rate}]
     r["gpu_decode"] = []
@@ -1002,9 +981,7 @@ def section_nvjpeg(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
             r["decoders"] = decoder_difference(shardset, device, 256)
         except Exception as error:
             r["decoders"] = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
-        with counting_cpu_fallbacks() as fallbacks:
-            gpu_clips, gpu_keys, gpu_rate = collect_clips(gpu_cfg, shardset, device)
-        r["cpu_fallback_clips"] = fallbacks["clips"]
+        gpu_clips, gpu_keys, gpu_rate, r["cpu_fallback_clips"] = collect_clips(gpu_cfg, shardset, device)
         r["gpu_decode"].append({"workers": 0, "clips_per_s": gpu_rate})
         r["same_clips"] = gpu_keys == cpu_keys
         r["equality"] = pixel_difference(cpu_clips, gpu_clips)
@@ -1017,22 +994,20 @@ def section_nvjpeg(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
         r.setdefault("not_measured", {})["gpu_decode"] = reason
         # the same bytes-only path and decoder call, on the CPU: the comparison's own check
         r["decoders"] = decoder_difference(shardset, torch.device("cpu"), 64)
-        with counting_cpu_fallbacks() as fallbacks:
-            cpu_bytes, bytes_keys, bytes_rate = collect_clips(gpu_cfg, shardset, torch.device("cpu"))
-        r["cpu_fallback_clips"] = fallbacks["clips"]
+        cpu_bytes, bytes_keys, bytes_rate, r["cpu_fallback_clips"] = collect_clips(gpu_cfg, shardset, torch.device("cpu"))
         r["bytes_path_on_cpu"] = {"clips_per_s": bytes_rate, "same_clips": bytes_keys == cpu_keys,
                                   **pixel_difference(cpu_clips, cpu_bytes)}
     del cpu_clips
     for workers in plan.nvjpeg_workers[1:]:
         if budget.left() < 2:
             break
-        r["cpu_decode"].append({"workers": workers, "clips_per_s": loader_rate(dataclasses.replace(cpu_cfg, num_workers=workers), shardset,
-                                                                               None, budget, plan.loader_seconds)})
+        rate, _ = loader_rate(dataclasses.replace(cpu_cfg, num_workers=workers), shardset, None, budget, plan.loader_seconds)
+        r["cpu_decode"].append({"workers": workers, "clips_per_s": rate})
         if device.type == "cuda":
-            with counting_cpu_fallbacks() as fallbacks:
-                rate = loader_rate(dataclasses.replace(gpu_cfg, num_workers=workers), shardset, device, budget, plan.loader_seconds)
+            rate, fallbacks = loader_rate(dataclasses.replace(gpu_cfg, num_workers=workers), shardset, device, budget,
+                                          plan.loader_seconds)
             r["gpu_decode"].append({"workers": workers, "clips_per_s": rate})
-            r["cpu_fallback_clips"] += max(0, fallbacks["clips"])
+            r["cpu_fallback_clips"] += fallbacks
     if device.type != "cuda":
         r["gpu_decode"] = None
 
@@ -1175,7 +1150,7 @@ def loader_row(cfg, shardset, batch: int, workers: int, device: torch.device | N
 
 
 def section_loader(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
-    from fusion.data import ShardSet, train_loader
+    from fusion.data import ShardSet
 
     plan = ctx.plan
     cores = len(os.sched_getaffinity(0))

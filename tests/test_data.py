@@ -1,4 +1,4 @@
-"""The streaming pipeline (fusion/data.py) against the complaints its peers' users filed:
+"""The streaming pipeline (fusion/data/) against the complaints its peers' users filed:
 unequal batches per rank, different orders per rank, no mid-epoch resume, hangs on bad data.
 
 Ranks are simulated in one process by building one loader per ``rank``; tiny shards (a few

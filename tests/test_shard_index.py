@@ -130,6 +130,25 @@ def test_lanes_read_their_own_samples_and_nothing_else(where, tmp_path, request)
     assert legacy["bytes_read"] > planned_bytes * 1.1
 
 
+@pytest.mark.parametrize("skip", [1, 2, 4])
+def test_a_resumed_loader_reads_only_the_samples_still_to_come(skip, tmp_path):
+    """Mid-epoch resume (``skip_batches``): whole windows before the resume point are not
+    read, and of the window it falls in only the samples still to come; the batches are the
+    uninterrupted loader's."""
+    folder = tmp_path / "shards"
+    write_shards(folder, [5, 5, 5, 5, 4])
+    index_manifest(str(folder), progress=False)
+    shardset = ShardSet.open(str(folder))
+    for workers in (0, 2):
+        cfg = DataConfig(num_workers=workers, crop_size=16, shuffle_window=3)
+        args = dict(batch_size=2, rank=1, world_size=2, epoch=1, seed=0)
+        whole = [b["keys"] for b in train_loader(cfg, shardset, **args)]
+        resumed = train_loader(cfg, shardset, skip_batches=skip, **args)
+        batches = [b["keys"] for b in resumed]
+        assert batches == whole[skip:]
+        assert resumed.stats["samples_read"] == sum(len(keys) for keys in batches)
+
+
 def test_a_checked_shard_is_read_whole_once(synthetic_shards):
     """Shards with a sha256 (make_shards') are hashed when a lane reads one whole: the file is
     read entire (its end-of-archive blocks are the only bytes beyond the samples)."""

@@ -1,0 +1,354 @@
+"""Stage 4, the batches: lanes as DataLoader workers (:class:`_LaneDataset`), equal batches on
+every rank, bad samples skipped, counted and refilled, and :class:`Loader`, which turns what
+the workers send into batches on the device; :func:`train_loader` and :func:`val_loader` are
+where to start."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import signal
+from collections import Counter, deque
+from typing import Any, Iterator
+
+import torch
+
+from fusion.config import ConfigError
+from fusion.data.common import ERROR_KEYS, MAX_READ_PASSES, READ_KEYS, DataConfig, DataEvents, ShardSet, log
+from fusion.data.decode import (CorruptSample, Sampling, _decode_jpegs_on_cpu, _jpeg_bytes_clip, _label, cut_on_device,
+                                decode_clip, decode_on_device)
+from fusion.data.plan import LanePlan, Stint, _order_text, train_plan, val_plan
+from fusion.data.read import _lane_stream
+from fusion.features import CorruptFeatures, decode_features
+from sharding import storage
+
+
+class _LaneDataset(torch.utils.data.IterableDataset):
+    """Yields whole batches (the DataLoader runs with ``batch_size=None``)."""
+
+    def __init__(self, shardset: ShardSet, cfg: DataConfig, plans: list[LanePlan], *, sampling: Sampling, batch_size: int,
+                 skip_batches: int, seed_text: str | None, crop_seed_text: str | None, fill: bool, require_label: bool,
+                 announce: bool = True, feature_view: int = 0) -> None:
+        self.shardset, self.cfg, self.plans, self.sampling = shardset, cfg, plans, sampling
+        self.announce = announce  # print waits for storage at once (rank 0; the others report with their batches)
+        self.batch_size, self.skip_batches = batch_size, skip_batches
+        self.seed_text, self.crop_seed_text = seed_text, crop_seed_text
+        self.fill, self.require_label = fill, require_label
+        self.feature_view = feature_view  # feature shards: which stored view of each clip
+        # data.resize_on: device: workers decode the chosen frames and the Loader cuts the batch
+        self.cut_on_device = (cfg.decode == "cpu" and cfg.resize_on == "device" and sampling.views == 1
+                              and not shardset.is_features)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        if workers == 1:
+            # one process serves every lane, interleaved exactly as the workers would be
+            streams = [self._lane_batches(plan) for plan in self.plans]
+            yield from _round_robin(streams, len(self.plans), self.skip_batches)
+            return
+        yield from self._lane_batches(self.plans[(self.skip_batches + worker) % len(self.plans)])
+
+    def _lane_batches(self, plan: LanePlan) -> Iterator[dict[str, Any]]:
+        """The lane's batches; if storage fails for good, one last ``{"fatal": ...}`` item that
+        the :class:`Loader` turns back into the exception in the training process (a worker's
+        own exception would arrive wrapped in a traceback dump)."""
+        events = DataEvents(self.announce)
+        try:
+            yield from self._lane_batches_of(plan, events)
+        except storage.StorageError as error:
+            counts, messages = events.take()
+            yield {"fatal": (type(error).__name__, str(error)), "errors": counts, "messages": messages}
+
+    def _lane_batches_of(self, plan: LanePlan, events: DataEvents) -> Iterator[dict[str, Any]]:
+        first = sum(1 for batch_id in plan.batch_ids if batch_id < self.skip_batches)
+        seed_text = f"{self.seed_text}:{plan.lane}" if self.seed_text is not None else None
+        stream = _lane_stream(self.shardset, plan, self.cfg, seed_text, first * self.batch_size, events)
+        pending: deque = deque()  # [raw sample, decoded result or None]
+        for lane_batch in range(first, len(plan.batch_ids)):
+            want = self.batch_size if self.fill else min(self.batch_size, plan.num_samples - lane_batch * self.batch_size)
+            chosen, index, own = [], 0, 0
+            while len(chosen) < want:
+                if index == len(pending):
+                    sample = next(stream, None)
+                    if sample is None:
+                        break
+                    pending.append([sample, None])
+                item = pending[index]
+                if item[1] is None:
+                    item[1] = self._decode(item[0], events)
+                if item[1] is not False:
+                    chosen.append(item[1])
+                    # a good sample of the batch's own B positions; any other stands in for a lost one
+                    own += index < self.batch_size and not item[0].get("__refill__")
+                index += 1
+            if self.fill:
+                events.count("refilled_samples", len(chosen) - own)
+            if self.fill and len(chosen) < want:
+                raise RuntimeError(
+                    f"lane {plan.lane} of {self.shardset.url} found only {len(chosen)} readable samples for a batch of "
+                    f"{want} after {MAX_READ_PASSES} passes: the shards are mostly corrupt, re-run sharding.make_shards"
+                )
+            for _ in range(min(self.batch_size if self.fill else index, len(pending))):
+                pending.popleft()
+            yield self._collate(chosen, events)
+
+    def _decode(self, sample: dict[str, Any], events: DataEvents) -> Any:
+        if sample.get("__lost__"):  # its shard broke: counted as corrupt_shards already
+            return False
+        key = sample["__key__"]
+        rng = random.Random(f"{self.crop_seed_text}:{key}") if self.crop_seed_text is not None else None
+        try:
+            if self.shardset.is_features:
+                semantic, motion, label = decode_features(sample, self.shardset.feature_spec, self.feature_view,
+                                                          _label(sample, self.require_label))
+                clip = (semantic, motion)
+            elif self.cfg.decode == "gpu":
+                clip, label = _jpeg_bytes_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits)
+            else:
+                clip, label = decode_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits,
+                                          multi_view=self.sampling.views > 1, cut=not self.cut_on_device)
+        except (CorruptSample, CorruptFeatures) as error:
+            events.count("corrupt_samples")
+            events.warn(f"skipping sample {key} of {sample.get('__url__')}: {error}")
+            return False
+        return clip, label, key
+
+    def _collate(self, chosen: list[tuple[Any, int, str]], events: DataEvents) -> dict[str, Any]:
+        counts, messages = events.take()
+        batch: dict[str, Any] = dict(
+            labels=torch.tensor([label for _, label, _ in chosen], dtype=torch.int64),
+            keys=[key for _, _, key in chosen],
+            errors=counts,
+            messages=messages,
+        )
+        if self.shardset.is_features:
+            spec = self.shardset.feature_spec
+            for position, (name, shape) in enumerate((("semantic", spec.semantic_shape), ("motion", spec.motion_shape))):
+                batch[name] = (torch.stack([clip[position] for clip, _, _ in chosen]) if chosen
+                               else torch.empty((0, *shape), dtype=torch.float32))
+        elif self.cfg.decode == "gpu":
+            batch["encoded"] = [clip for clip, _, _ in chosen]
+        elif self.cut_on_device:
+            batch["decoded"] = [clip for clip, _, _ in chosen]
+        elif chosen:
+            batch["clips"] = torch.stack([clip for clip, _, _ in chosen])
+        else:
+            size = self.cfg.crop_size
+            views = (self.sampling.views,) if self.sampling.views > 1 else ()
+            batch["clips"] = torch.empty((0, *views, self.sampling.frames, 3, size, size), dtype=torch.uint8)
+        return batch
+
+
+def _round_robin(streams: list[Iterator[dict[str, Any]]], lanes: int, skip: int) -> Iterator[dict[str, Any]]:
+    active = [streams[(skip + offset) % lanes] for offset in range(lanes)]
+    while active:
+        still = []
+        for stream in active:
+            batch = next(stream, None)
+            if batch is not None:
+                yield batch
+                still.append(stream)
+        active = still
+
+
+class Loader:
+    """The batches of one rank for one epoch: ``len()`` of them, each
+    ``dict(clips=uint8 [B, T, 3, S, S], labels=int64 [B], keys=list[str])``; from feature
+    shards ``dict(semantic=float32 [B, T, Ds], motion=float32 [B, T', Dm], labels, keys)``.
+
+    :attr:`stats` counts skipped samples and shards, retries and refills seen so far (the
+    workers report them with each batch); log it, it is the only trace of bad data.
+    """
+
+    def __init__(self, dataset: _LaneDataset, cfg: DataConfig, num_batches: int, device: str | torch.device | None) -> None:
+        self.dataset, self.cfg = dataset, cfg
+        self.num_batches = num_batches
+        self.device = torch.device(device) if device is not None else None
+        self.stats: Counter = Counter({key: 0 for key in ERROR_KEYS + READ_KEYS})
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.cfg.num_workers
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available() and self.cfg.decode == "cpu",
+            prefetch_factor=self.cfg.prefetch_batches if workers else None,
+            in_order=True,
+            worker_init_fn=functools.partial(init_worker, dict(os.environ)),
+            multiprocessing_context=worker_context() if workers else None,
+        )
+        for batch in loader:
+            self.stats.update(batch.pop("errors"))
+            for message in batch.pop("messages"):
+                log.warning("%s", message)
+            if "fatal" in batch:
+                kind, message = batch["fatal"]
+                raise (storage.StorageAccessError if kind == "StorageAccessError" else storage.StorageUnavailable)(message)
+            if "encoded" in batch:
+                batch = self._decode_on_device(batch)
+            elif "decoded" in batch:
+                decoded = batch.pop("decoded")
+                device = self.device or torch.device("cpu")
+                size, steps = self.cfg.crop_size, self.dataset.sampling.frames
+                batch["clips"] = (cut_on_device(decoded, size, device) if decoded
+                                  else torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device))
+            yield batch
+
+    def _decode_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        encoded = batch.pop("encoded")
+        device = self.device or torch.device("cuda")
+        size, steps = self.cfg.crop_size, self.dataset.sampling.frames
+        if not encoded:  # a short validation lane's empty last batch
+            batch["clips"] = torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device)
+            return batch
+        try:
+            batch["clips"] = decode_on_device(encoded, self.cfg.crop_size, device)
+            return batch
+        except RuntimeError:  # one bad JPEG fails the whole call: find it clip by clip
+            pass
+        keep, clips = [], []
+        for index, clip in enumerate(encoded):
+            try:
+                clips.append(decode_on_device([clip], self.cfg.crop_size, device)[0])
+                keep.append(index)
+                continue
+            except RuntimeError:
+                pass
+            try:  # nvJPEG refuses some files libjpeg-turbo reads (e.g. unusual subsampling)
+                clips.append(_decode_jpegs_on_cpu(clip, self.cfg.crop_size).to(device))
+                keep.append(index)
+                self.stats["cpu_decode_fallbacks"] += 1  # a GPU figure must not be a CPU one: counted
+            except ValueError as error:
+                self.stats["corrupt_samples"] += 1
+                log.warning("skipping sample %s: JPEG frames do not decode: %s", batch["keys"][index], error)
+        batch["keys"] = [batch["keys"][i] for i in keep]
+        batch["labels"] = batch["labels"][keep]
+        batch["clips"] = torch.stack(clips) if clips else torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device)
+        return batch
+
+
+@functools.lru_cache(maxsize=1)
+def worker_context() -> Any:
+    """Loader workers are forked from a forkserver, not from the training process.
+
+    The training process has threads (gloo, TensorBoard's writer, tqdm, the feeder threads of
+    the previous epoch's loader, still closing), and CPython 3.11 can deadlock a child forked
+    while another thread is being created or torn down (seen here: a validation worker stuck in
+    ``PyOS_AfterFork_Child`` after the training loader was stopped, once in ~10 runs of the
+    Slurm preemption test). The forkserver is started once, single-threaded, with what the
+    workers need preloaded, so a worker still starts in milliseconds; Python 3.14 made it the
+    default for the same reason.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver, resource_tracker
+
+    context = multiprocessing.get_context("forkserver")
+    # the server imports, once, what every worker needs: the main module (else each worker runs
+    # it again), this module and torchvision's transforms (imported lazily here, ~1.5 s)
+    context.set_forkserver_preload(["__main__", "fusion.data", "torchvision.transforms.v2.functional"])
+    # A scheduler signals every process of a job, the server too: started with SIGTERM and
+    # SIGUSR1 blocked (a signal mask survives fork and exec), it and the workers it forks never
+    # take them, and the training process, which does, decides. Blocked, not ignored, here:
+    # a signal arriving meanwhile is delivered when the mask is restored.
+    # The same for multiprocessing's resource tracker (it ignores SIGTERM itself but would die
+    # of SIGUSR1, and a new one would not know the semaphores to clean up); starting it
+    # unblocks SIGTERM again, hence the second block before the server starts.
+    job_signals = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, job_signals)
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, job_signals)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return context
+
+
+def init_worker(environment: dict[str, str], worker_id: int) -> None:
+    """A loader worker takes the training process's environment as it is now (a forkserver
+    child would otherwise see the one the server started with: credentials exported since, for
+    one), and ignores SIGTERM and SIGUSR1. A scheduler signals every process of a job (Slurm
+    does, before preempting it), and torch's workers die on a SIGTERM that does not come from
+    their parent; the training process instead finishes its step and checkpoints, then stops
+    its workers the usual way (they also leave when it is gone)."""
+    os.environ.clear()
+    os.environ.update(environment)
+    for number in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
+
+
+
+
+def crop_seed_text(seed: int, epoch: int) -> str:
+    """What seeds a training clip's frames, crop and flip (with its key): feature extraction
+    cuts view ``v`` with epoch ``v``'s, so cached views are the crops training would take."""
+    return f"crop:{seed}:{epoch}"
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1} (world size {world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+
+
+def train_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
+                 skip_batches: int = 0, device: str | torch.device | None = None, stints: tuple[Stint, ...] = ()) -> Loader:
+    """Training batches of ``rank`` for ``epoch``: shuffled, random-resized-cropped, a random
+    frame from each of ``data.frames`` segments, every rank the same number;
+    ``skip_batches=k`` resumes at batch ``k`` of the epoch exactly.
+
+    ``stints``: the parts of this epoch that runs with other layouts (ranks, workers, batch
+    size) trained before a resume; the epoch's rest is planned afresh for this layout, each
+    remaining clip once, and nothing they consumed is read (step 5 of the module docstring).
+
+    ``len()`` is the number of batches still to come (``batches_per_rank(...) - k``).
+    ``device`` is where ``decode: gpu`` decodes the batch (default ``cuda``; ``cpu`` runs the
+    same bytes-only path without a GPU); unused with ``decode: cpu``. A sample that fails to
+    decode there is dropped from its batch (which is then short) and counted.
+    """
+    _check_rank(rank, world_size, batch_size)
+    if cfg.flip:
+        shardset.check_flip_labels()
+    sampling = Sampling.of(cfg, shardset)
+    lanes = max(1, cfg.num_workers)
+    plans = train_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch, seed=seed, lanes=lanes,
+                       stints=stints)
+    per_rank = sum(len(plan.batch_ids) for plan in plans)
+    if not 0 <= skip_batches <= per_rank:
+        raise ValueError(f"skip_batches={skip_batches} is outside 0..{per_rank} (batches per rank this epoch)")
+    dataset = _LaneDataset(
+        shardset, cfg, plans, sampling=sampling, batch_size=batch_size, skip_batches=skip_batches,
+        seed_text=_order_text(seed, epoch, rank, world_size, len(stints)), crop_seed_text=crop_seed_text(seed, epoch),
+        fill=True, require_label=True, announce=rank == 0,
+        feature_view=epoch % shardset.feature_spec.views if shardset.is_features else 0,
+    )
+    return Loader(dataset, cfg, per_rank - skip_batches, device)
+
+
+def val_loader(cfg: DataConfig, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
+               device: str | torch.device | None = None, temporal_views: int = 1, spatial_crops: int = 1) -> Loader:
+    """Validation batches of ``rank``: manifest order, each clip on exactly one rank once;
+    batches may be short (or empty for a rank with no clips). Labels are -1 for unlabelled
+    (test split) clips. One view (the segment middles, the centre square) gives clips
+    ``[B, T, 3, S, S]``; ``temporal_views`` x ``spatial_crops`` views (see :class:`Sampling`)
+    give ``[B, V, T, 3, S, S]``, temporal-major (``decode: cpu`` only)."""
+    _check_rank(rank, world_size, batch_size)
+    sampling = Sampling.of(cfg, shardset, temporal_views, spatial_crops)
+    if sampling.views > 1 and shardset.is_features:
+        raise ConfigError(f"{shardset.url} holds features of one view per clip: evaluate several views from frame shards")
+    if sampling.views > 1 and cfg.decode == "gpu":
+        raise ConfigError("several views per clip are cut on the CPU: set data.decode cpu for multi-view evaluation")
+    lanes = max(1, cfg.num_workers)
+    plans = val_plan(shardset, batch_size=batch_size, rank=rank, world_size=world_size, lanes=lanes)
+    dataset = _LaneDataset(
+        shardset, cfg, plans, sampling=sampling, batch_size=batch_size, skip_batches=0,
+        seed_text=None, crop_seed_text=None, fill=False, require_label=False, announce=rank == 0,
+    )
+    return Loader(dataset, cfg, sum(len(plan.batch_ids) for plan in plans), device)
