@@ -1194,8 +1194,8 @@ def section_loader(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
     r["verdicts"] = verdicts
     main = verdicts.get("today_at_micro_batch") or verdicts.get("best")
     r["bottleneck"], r["cpu_cores_per_gpu"] = main["bottleneck"], main["cpu_cores_per_gpu"]
-    r["note"] = ("synthetic clips: README's Measured found 3.8 ms to decode one against ~11 ms for textured SSv2-like frames, so "
-                 "real data may need up to ~3x these cores")
+    r["note"] = ("sharding.synthetic's textured clips at 240 px; real SSv2 frames (VP9 camera footage) may decode at "
+                 "another rate: measure on them before sizing a cluster")
 
 
 def measure_device_crop(ctx: Context, cfg, shardset, batch: int, counts: tuple[int, ...], budget: Budget) -> dict[str, Any]:

@@ -310,6 +310,18 @@ def synthetic_shards(synthetic_root: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging: a loader that deadlocks is a test failure, not a stuck CI."""
+    def on_alarm(signum, frame):
+        raise TimeoutError("the loader hung for 120 s")
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -11,7 +11,6 @@ import json
 import multiprocessing
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 

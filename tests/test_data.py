@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +70,6 @@ def epoch_keys(shardset: ShardSet, cfg: DataConfig, *, batch_size: int, rank: in
     batches = [batch["keys"] for batch in loader]
     assert len(batches) == len(loader)
     return batches
-
-
-@pytest.fixture
-def no_hang():
-    """Fail instead of hanging: a loader that deadlocks is a test failure, not a stuck CI."""
-    def on_alarm(signum, frame):
-        raise TimeoutError("the loader hung for 120 s")
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")

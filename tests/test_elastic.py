@@ -15,7 +15,7 @@ import pytest
 
 from fusion.data import DataConfig, ShardSet, Stint, batches_per_rank, epoch_positions, epoch_shard_order, train_loader
 from sharding.shard_index import index_manifest
-from tests.test_data import no_hang, write_shards  # noqa: F401 (a fixture)
+from tests.test_data import write_shards
 from tests.test_train import REPO, run_env
 
 WINDOW = 3
