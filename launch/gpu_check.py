@@ -25,7 +25,9 @@ failing on its own (``{"status": "error", "error": ...}``) while the others go o
 - ``training``: ``deepspeed launch/train.py --deepspeed ds.json`` with the config (full size on a
   GPU), a checkpoint, then ``--resume`` to more steps; NCCL seen through ``NCCL_DEBUG``;
 - ``loader``: the CPU-decode loader's clips/s by worker count against the model's clips/s: which
-  one is the bottleneck, and how many CPU cores per GPU the CPU decode path needs;
+  one is the bottleneck, and how many CPU cores per GPU the CPU decode path needs; then
+  ``data.resize_on: device`` (the crop on the device) at the fewest and most workers, and its
+  pixels against the workers' crops of the same batch;
 - ``compile``: ``torch.compile`` of the backbones (inductor on a GPU), in a child process with a timeout.
 
 On a GPU machine of this workplace (no registry; its Python 3.12 has torch, torchvision, timm,

@@ -52,8 +52,8 @@ every rank takes the same decisions without talking to the others):
    layout as in steps 2-3. Every clip the stopped run had not trained is trained once (but a
    tail that does not fill a batch on every rank), none it trained is read again, and stints
    chain when a run changes layout twice in an epoch. The next epoch plans the new layout
-   from scratch. The assumption: the shards read as planned (a lost shard shifts a lane's
-   windows, so after one the consumed set is approximate; such losses are counted anyway).
+   from scratch. A sample lost with its shard keeps its position (a stand-in that the batch
+   replaces, step 7), so windows never shift and the consumed positions stay the plan's.
 6. **Reads.** A shard whose manifest entry has ``offsets`` (:mod:`sharding.shard_index`) is
    read from the first byte of the segment's first sample to the last byte of its last (a
    seek, an S3 ``Range`` GET), so a lane that starts mid-shard reads nothing before its run;
