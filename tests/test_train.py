@@ -227,6 +227,23 @@ def test_two_ranks_train_from_a_bucket(launcher, s3_server, s3_env, synthetic_sh
 
 
 @pytest.mark.slow
+def test_compiled_backbones_train(synthetic_shards, tmp_path):
+    """``train.compile_backbones`` puts the frozen backbones under torch.compile; aot_eager
+    traces them (graph breaks, guards) without the minutes inductor needs on this CPU. An
+    unknown backend is refused before anything is built."""
+    args = ["--deepspeed", str(small_ds_json(tmp_path)), *SMALL, "--data.num_workers", "0", "--data.train",
+            str(synthetic_shards / "train"), "--data.val", str(synthetic_shards / "validation"), "--train.max_steps", "2"]
+    result = train([sys.executable, "launch/train.py"], *args, "--train.compile_backbones", "aot_eager", "--out",
+                   str(tmp_path / "run"))
+    assert "backbones: torch.compile, backend aot_eager" in result.stdout
+    rows, val = metrics(tmp_path / "run")
+    assert [row["step"] for row in rows] == [1, 2] and val
+    refused = subprocess.run([sys.executable, "launch/train.py", *args, "--train.compile_backbones", "fastest", "--out",
+                              str(tmp_path / "other")], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "'fastest' is not a torch.compile backend" in refused.stderr
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(synthetic_shards, tmp_path):
     ds_json = small_ds_json(tmp_path)
     args = ["--deepspeed", str(ds_json), *SMALL, "--data.train", str(synthetic_shards / "train"), "--data.val",
