@@ -892,17 +892,15 @@ def collect_clips(cfg, shardset, device: torch.device | None) -> tuple[torch.Ten
     return torch.cat([c.cpu() for c in clips]), keys, len(keys) / elapsed, loader.stats["cpu_decode_fallbacks"]
 
 
-def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_s: float) -> tuple[float, int]:
-    """clips/s through ``val_loader`` with ``cfg``'s workers, for at most ``max_s`` (the
-    first batch, the start-up, is not counted), and the clips it decoded on the CPU after all."""
-    from fusion.data import val_loader
-
-    seen, start = 0, None
-    loader = val_loader(cfg, shardset, batch_size=8, rank=0, world_size=1, device=device)
+def timed_clips(loader, warmup: int, device: torch.device | None, budget: Budget, max_s: float) -> tuple[int, float]:
+    """(clips, seconds) a loader delivers after its first ``warmup`` batches (start-up: every
+    worker's first batch), for at most ``max_s``."""
+    seen, start, index = 0, None, 0
     stream = iter(loader)
     try:
         for batch in stream:
-            if start is None:
+            index += 1
+            if index <= warmup:
                 start = time.perf_counter()
                 continue
             seen += len(batch["keys"])
@@ -912,7 +910,17 @@ def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_
         stream.close()
     if device is not None:
         synchronize(device)
-    return (seen / (time.perf_counter() - start) if start and seen else float("nan")), loader.stats["cpu_decode_fallbacks"]
+    return seen, time.perf_counter() - start if start else float("nan")
+
+
+def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_s: float) -> tuple[float, int]:
+    """clips/s through ``val_loader`` with ``cfg``'s workers, for at most ``max_s`` (the
+    first batch, the start-up, is not counted), and the clips it decoded on the CPU after all."""
+    from fusion.data import val_loader
+
+    loader = val_loader(cfg, shardset, batch_size=8, rank=0, world_size=1, device=device)
+    seen, seconds = timed_clips(loader, 1, device, budget, max_s)
+    return (seen / seconds if seen else float("nan")), loader.stats["cpu_decode_fallbacks"]
 
 
 def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, Any]:
@@ -1130,23 +1138,9 @@ def loader_row(cfg, shardset, batch: int, workers: int, device: torch.device | N
     """clips/s of one ``train_loader`` configuration, after every worker's first batch (start-up)."""
     from fusion.data import train_loader
 
-    seen, start, index = 0, None, 0
-    stream = iter(train_loader(dataclasses.replace(cfg, num_workers=workers), shardset, batch_size=batch, rank=0, world_size=1,
-                               epoch=0, seed=0, device=device))
-    try:
-        for item in stream:
-            index += 1
-            if index <= max(1, workers):
-                start = time.perf_counter()
-                continue
-            seen += len(item["keys"])
-            if time.perf_counter() - start > min(seconds, budget.left()):
-                break
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-    finally:
-        stream.close()
-    elapsed = time.perf_counter() - start if start else float("nan")
+    loader = train_loader(dataclasses.replace(cfg, num_workers=workers), shardset, batch_size=batch, rank=0, world_size=1,
+                          epoch=0, seed=0, device=device)
+    seen, elapsed = timed_clips(loader, max(1, workers), device, budget, seconds)
     return {"workers": workers, "resize_on": cfg.resize_on, "clips_per_s": seen / elapsed if seen else None, "clips": seen,
             "seconds": elapsed}
 

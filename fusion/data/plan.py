@@ -90,13 +90,20 @@ def _lane_runs(count: int, per_rank: int, batch_size: int, rank: int, lanes: int
         offset += size
 
 
+def window_permutation(size: int, seed_text: str) -> list[int]:
+    """The order one shuffle window of ``size`` samples is read in, as their indices: the one
+    definition the read stage (:func:`fusion.data.read._windowed`, a resume's first window) and
+    the plan of a stint's consumed positions share."""
+    order = list(range(size))
+    random.Random(seed_text).shuffle(order)
+    return order
+
+
 def _window_order(count: int, window: int, seed_text: str) -> list[int]:
-    """The order :func:`_windowed` puts ``count`` samples in, as their indices."""
+    """The order :func:`fusion.data.read._windowed` puts ``count`` samples in, as their indices."""
     order: list[int] = []
     for number, start in enumerate(range(0, count, window)):
-        chunk = list(range(start, min(start + window, count)))
-        random.Random(f"{seed_text}:{number}").shuffle(chunk)
-        order += chunk
+        order += [start + index for index in window_permutation(min(window, count - start), f"{seed_text}:{number}")]
     return order
 
 
@@ -135,20 +142,19 @@ def segments_of(shardset: ShardSet, order: list[int], positions: list[int]) -> t
     for index in order:
         starts.append(offset)
         offset += sizes[index]
+    slots = [bisect.bisect_right(starts, position) - 1 for position in positions]
+    return tuple(segments_of_items([(names[order[slot]], position - starts[slot]) for slot, position in zip(slots, positions)]))
+
+
+def segments_of_items(items: list[tuple[str, int]]) -> list[Segment]:
+    """(shard, index) pairs -> segments of consecutive indices of one shard, in order."""
     segments: list[Segment] = []
-    current = None  # [shard slot, start, stop] in the shard's own positions
-    for position in positions:
-        slot = bisect.bisect_right(starts, position) - 1
-        local = position - starts[slot]
-        if current is not None and current[0] == slot and current[2] == local:
-            current[2] += 1
-            continue
-        if current is not None:
-            segments.append(Segment(names[order[current[0]]], current[1], current[2]))
-        current = [slot, local, local + 1]
-    if current is not None:
-        segments.append(Segment(names[order[current[0]]], current[1], current[2]))
-    return tuple(segments)
+    for shard, index in items:
+        if segments and segments[-1].shard == shard and segments[-1].stop == index:
+            segments[-1] = Segment(shard, segments[-1].start, index + 1)
+        else:
+            segments.append(Segment(shard, index, index + 1))
+    return segments
 
 
 def train_plan(shardset: ShardSet, *, batch_size: int, rank: int, world_size: int, epoch: int, seed: int, lanes: int,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import random
 import tarfile
 import time
 from collections import Counter
@@ -18,7 +17,7 @@ from webdataset.tariterators import base_plus_ext
 
 from fusion.data.common import (MAX_BACKOFF_S, MAX_READ_PASSES, READ_MEMBER, DataConfig, DataEvents, FrameLimits,
                                 Oversize, ShardMismatch, ShardSet)
-from fusion.data.plan import LanePlan, Segment
+from fusion.data.plan import LanePlan, Segment, segments_of_items, window_permutation
 from sharding import storage
 from sharding.cache import ShardCache
 
@@ -324,7 +323,7 @@ def _windowed(samples: Iterator[dict[str, Any]], window: int, seed_text: str, sk
         buffer = [sample for _, sample in zip(range(window), samples)]
         if not buffer:
             return
-        random.Random(f"{seed_text}:{number}").shuffle(buffer)
+        buffer = [buffer[index] for index in window_permutation(len(buffer), f"{seed_text}:{number}")]
         yield from buffer[skip:]
         skip, number = 0, number + 1
         if len(buffer) < window:
@@ -349,7 +348,7 @@ def _lane_stream(shardset: ShardSet, plan: LanePlan, cfg: DataConfig, seed_text:
             start = skipped_windows * cfg.shuffle_window
             yield from _resumed_window(shardset, items[start:start + cfg.shuffle_window], within,
                                        f"{text}:{skipped_windows}", cfg, events)
-            raw = _positioned(shardset, _segments_of_items(items[start + cfg.shuffle_window:]), cfg, events)
+            raw = _positioned(shardset, segments_of_items(items[start + cfg.shuffle_window:]), cfg, events)
             yield from _windowed(raw, cfg.shuffle_window, text, 0, number=skipped_windows + 1)
             skip = max(0, skip - len(items))
             continue
@@ -376,30 +375,16 @@ def _positioned(shardset: ShardSet, segments: Iterable[Segment], cfg: DataConfig
             yield {"__lost__": True, "__key__": None}
 
 
-def _segments_of_items(items: list[tuple[str, int]]) -> list[Segment]:
-    """(shard, index) pairs -> segments of consecutive indices of one shard, in order."""
-    segments: list[Segment] = []
-    for shard, index in items:
-        if segments and segments[-1].shard == shard and segments[-1].stop == index:
-            segments[-1] = Segment(shard, segments[-1].start, index + 1)
-        else:
-            segments.append(Segment(shard, index, index + 1))
-    return segments
-
-
 def _resumed_window(shardset: ShardSet, window: list[tuple[str, int]], within: int, seed_text: str, cfg: DataConfig,
                     events: DataEvents) -> Iterator[dict[str, Any]]:
     """The samples of the window a resume falls in, from output position ``within`` on, in the
     order :func:`_windowed` gives them: the same permutation of the window's positions, and
     only the positions still to come are read (by the index, ranged reads)."""
-    order = list(range(len(window)))
-    random.Random(seed_text).shuffle(order)
+    order = window_permutation(len(window), seed_text)
     wanted = sorted(order[within:])
-    found: dict[int, dict[str, Any]] = {}
-    for segment in _segments_of_items([window[i] for i in wanted]):
-        first = next(i for i in wanted if window[i] == (segment.shard, segment.start))
-        for offset, sample in enumerate(_positioned(shardset, [segment], cfg, events)):
-            found[first + offset] = sample
+    # one item per wanted position, in ``wanted`` order (lost ones as stand-ins)
+    read = _positioned(shardset, segments_of_items([window[i] for i in wanted]), cfg, events)
+    found = dict(zip(wanted, read))
     yield from (found[i] for i in order[within:])
 
 
