@@ -56,7 +56,7 @@ from fusion.model import FusionClassifier, build_model, resolve_dtype
 from launch.train import RunConfig, default_config_path, resolve_data_url
 from sharding import storage
 from sharding.make_shards import RECORDS_SUBDIR, TAR_MTIME, TAR_OWNER
-from sharding.shard_index import describe_shard
+from sharding.shard_index import ShardDescription, describe_shard
 
 SPLIT_FOLDERS = ("train", "validation", "test")
 SKIPPED_NAME = "skipped.jsonl"
@@ -186,12 +186,12 @@ class FeatureShardWriter:
         self.count += 1
         self.label_counts[str(labels[0])] = self.label_counts.get(str(labels[0]), 0) + 1
 
-    def publish(self) -> tuple[int, str, list[int]]:
-        """Close, publish; returns (bytes, sha256, sample offsets: see sharding.shard_index)."""
+    def publish(self) -> ShardDescription:
+        """Close, publish; returns what the manifest records of the shard (sharding.shard_index)."""
         self.writer.close()
-        size, digest, offsets = describe_shard(self.temp)
+        description = describe_shard(self.temp)
         storage.put_file(self.temp, self.url)
-        return size, digest, offsets
+        return description
 
 
 def record_url(out: str, name: str) -> str:
@@ -273,9 +273,10 @@ def extract_split(job: Job, model: FusionClassifier, ranks: distributed.Ranks, b
             for message in item["messages"]:
                 tqdm.write(f"warning: {message}", file=sys.stderr)
             writer = writers.pop(name, None)
-            size, digest, offsets = writer.publish() if writer is not None else (0, "", [])
-            record = {"name": name, "num_samples": writer.count if writer else 0, "bytes": size, "sha256": digest,
-                      "offsets": offsets, "label_counts": writer.label_counts if writer else {},
+            description = writer.publish() if writer is not None else ShardDescription(0, "", [], [])
+            record = {"name": name, "num_samples": writer.count if writer else 0, "bytes": description.bytes,
+                      "sha256": description.sha256, **description.index_fields(),
+                      "label_counts": writer.label_counts if writer else {},
                       "skipped": item["skipped"], "errors": item["errors"], "features": job.fingerprint}
             storage.write_bytes(record_url(job.out, name), json.dumps(record, indent=1).encode())
             bar.update(len(item["skipped"]))
@@ -307,7 +308,7 @@ def write_manifest(job: Job) -> dict[str, Any]:
         "num_skipped": len(skipped),
         "label_counts": label_counts,
         "shards": [{"name": r["name"], "num_samples": r["num_samples"], "bytes": r["bytes"], "sha256": r["sha256"],
-                    **({"offsets": r["offsets"]} if r.get("offsets") else {})}
+                    **{key: r[key] for key in ("offsets", "crc32c") if r.get(key)}}
                    for r in records if r["num_samples"]],
         "features": job.fingerprint,
         "source": {"url": job.source.url, "frames": source.get("frames"), "short_side": source.get("short_side"),

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from tqdm import tqdm
 
 from sharding import storage
-from sharding.shard_index import describe_shard
+from sharding.shard_index import ShardDescription, describe_shard
 from sharding.annotations import (
     SPLITS,
     AnnotationError,
@@ -123,6 +123,7 @@ class ShardRecord:
     bytes: int = 0
     sha256: str = ""
     offsets: list[int] = field(default_factory=list)  # sharding.shard_index: where each sample starts
+    crc32c: list[int] = field(default_factory=list)  # sharding.shard_index: each sample's checksum
 
 
 @dataclass(frozen=True)
@@ -371,9 +372,8 @@ class _ShardFile:
 
         self.writer = TarWriter(str(self.temp), encoder=False, mtime=TAR_MTIME, user=TAR_OWNER, group=TAR_OWNER)
 
-    def close(self) -> tuple[int, str, list[int]]:
-        """Finish the tar; returns its size, sha256 and sample offsets (from the local file's
-        headers: a seek per member, no data read)."""
+    def close(self) -> ShardDescription:
+        """Finish the tar; returns its size, sha256, sample offsets and CRC-32Cs."""
         self.writer.close()
         return describe_shard(self.temp)
 
@@ -519,13 +519,15 @@ def _write_shard(job: Job, index: int, entries, pre_rejects, results, scratch: P
                 else:
                     record.rejects.append(reject)
             bar.update(1)
-        record.bytes, record.sha256, record.offsets = shard.close()
+        description = shard.close()
+        record.bytes, record.sha256 = description.bytes, description.sha256
+        record.offsets, record.crc32c = description.offsets, description.crc32c
         if not record.samples:
             # every clip of the range was rejected: no empty tar (nor one left by an earlier
             # run with other arguments), the record says why
             shard.discard()
             storage.remove(shard.url)
-            record.bytes, record.sha256, record.offsets = 0, "", []
+            record.bytes, record.sha256, record.offsets, record.crc32c = 0, "", [], []
         # Record first, then the file: a rerun keeps a shard only when both are there, so a
         # kill between the two costs one rewrite, never a kept shard without its record.
         storage.write_bytes(_record_url(job.out, name), json.dumps(asdict(record), indent=1).encode())
@@ -550,10 +552,11 @@ def _write_index(job: Job, records: list[ShardRecord]) -> None:
         "templates": templates_in_id_order(job.label_map),
         "num_samples": sum(len(record.samples) for record in records),
         "num_rejected": sum(len(record.rejects) for record in records),
-        # offsets: absent for shards packed before the index existed (python -m sharding.shard_index adds them)
+        # offsets, crc32c: absent for shards packed before the index existed (python -m sharding.shard_index adds them)
         "shards": [
             {"name": record.name, "num_samples": len(record.samples), "bytes": record.bytes, "sha256": record.sha256,
-             **({"offsets": record.offsets} if record.offsets else {})}
+             **({"offsets": record.offsets} if record.offsets else {}),
+             **({"crc32c": record.crc32c} if record.crc32c else {})}
             for record in records
             if record.samples
         ],

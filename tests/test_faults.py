@@ -29,8 +29,7 @@ from fusion.backbones.weights import RandomWeightsWarning
 from fusion.data import ERROR_KEYS, DataConfig, ShardSet, train_loader, val_loader
 from fusion.model import ModelConfig, build_model
 from launch import distributed
-from tests.conftest import FaultyProxy, fill_up, small_filesystem
-from sharding.shard_index import sample_offsets
+from tests.conftest import FaultyProxy, describe_again, fill_up, small_filesystem
 from tests.test_data import _frame, write_shards
 from tests.test_train import REPO, RUN_TIMEOUT_S, SMALL, metrics, run_env, small_ds_json, torchrun, upload
 
@@ -59,14 +58,7 @@ def rewrite_shard(folder: Path, index: int, change, *, update_manifest: bool = T
             sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("__")}
             writer.write(change(position, sample))
     if update_manifest:
-        import hashlib
-
-        entry = manifest["shards"][index]
-        entry.update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest())
-        if "offsets" in entry:  # the sample index too
-            with open(shard, "rb") as stream:
-                entry["offsets"] = sample_offsets(stream)
-        (folder / "manifest.json").write_text(json.dumps(manifest))
+        describe_again(folder, shard.name)
 
 
 def with_sha256(folder: Path) -> None:

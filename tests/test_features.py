@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import subprocess
 import sys
 import tarfile
@@ -21,7 +20,8 @@ import torch
 
 from fusion.data import DataConfig, ShardSet, train_loader, val_loader
 from fusion.features import file_sha256
-from sharding.shard_index import sample_offsets
+from sharding.shard_index import describe_shard
+from tests.conftest import describe_again
 from tests.test_train import REPO, RUN_TIMEOUT_S, SMALL, head_weights, metrics, run_env, small_ds_json, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::fusion.backbones.weights.RandomWeightsWarning")
@@ -103,6 +103,8 @@ def test_two_ranks_write_every_clip_exactly_once(synthetic_shards: Path, feature
         for entry in made.manifest["shards"]:  # the manifest describes what is on disk
             assert entry["bytes"] == (out / split / entry["name"]).stat().st_size
             assert entry["sha256"] == file_sha256(out / split / entry["name"])
+            description = describe_shard(out / split / entry["name"])  # and its index, checksums included
+            assert (entry["offsets"], entry["crc32c"]) == (description.offsets, description.crc32c)
         info = made.manifest["features"]
         assert info["dtype"] == "fp16" and info["views"] == (2 if split == "train" else 1)
         assert info["semantic"]["name"] == "dinov2_vits14" and info["motion"]["name"] == "i3d_r50"
@@ -120,8 +122,8 @@ def test_two_ranks_write_every_clip_exactly_once(synthetic_shards: Path, feature
 
 
 def rewrite_sample(folder: Path, shard: str, key: str, member: str, data: bytes) -> None:
-    """Replace one member of one sample and update the manifest's size and sha256 of the shard
-    (so that only the sample, not the shard, is bad)."""
+    """Replace one member of one sample; the manifest then describes the new shard (so that
+    only the sample, not the shard, is bad)."""
     path = folder / shard
     with tarfile.open(path) as archive:
         members = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
@@ -131,14 +133,7 @@ def rewrite_sample(folder: Path, shard: str, key: str, member: str, data: bytes)
                 content = data
             info.size = len(content)
             archive.addfile(info, io.BytesIO(content))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        if entry["name"] == shard:
-            entry["bytes"], entry["sha256"] = path.stat().st_size, file_sha256(path)
-            if "offsets" in entry:  # the sample index too
-                with open(path, "rb") as stream:
-                    entry["offsets"] = sample_offsets(stream)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    describe_again(folder, shard)
 
 
 @pytest.mark.parametrize("bad", ["garbage", "pickled", "wrong_shape"])

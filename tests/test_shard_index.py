@@ -6,6 +6,7 @@ Shards are the tiny ones of tests/test_data.py; make_shards' own are checked aga
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from fusion.data import DataConfig, ShardSet, TarStream, train_loader, train_plan, val_loader, val_plan
 from sharding import storage
-from sharding.shard_index import index_manifest, sample_offsets
+from sharding.shard_index import crc32c, index_manifest, sample_offsets
 from tests.test_data import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,8 @@ def test_make_shards_writes_the_index_a_scan_finds(synthetic_shards):
         with open(synthetic_shards / "train" / entry["name"], "rb") as handle:
             streamed = sample_offsets(io.BufferedReader(io.BytesIO(handle.read())))  # read through, as from S3
         assert entry["offsets"] == streamed and len(streamed) == entry["num_samples"] + 1
+        data = (synthetic_shards / "train" / entry["name"]).read_bytes()
+        assert entry["crc32c"] == [crc32c(data[a:b]) for a, b in zip(streamed, streamed[1:])]
 
 
 def test_the_scan_command_indexes_old_shards_and_refuses_foreign_ones(tmp_path):
@@ -60,7 +63,22 @@ def test_the_scan_command_indexes_old_shards_and_refuses_foreign_ones(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "indexed 2 shard(s)" in result.stdout, result.stderr
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert "indexed 0 shard(s), 2 already had offsets" in again.stdout
+    assert "indexed 0 shard(s), 2 already had offsets and crc32c" in again.stdout
+
+    # a manifest indexed before the checksums existed gets them; a shard that is not the
+    # manifest's (its sha256) is refused, not indexed
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    checksums = [entry.pop("crc32c") for entry in manifest["shards"]]
+    manifest["shards"][0]["sha256"] = hashlib.sha256((tmp_path / "shard-000000.tar").read_bytes()).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert index_manifest(str(tmp_path), progress=False) == (2, 0)
+    assert [entry["crc32c"] for entry in json.loads((tmp_path / "manifest.json").read_text())["shards"]] == checksums
+    manifest["shards"][0]["sha256"] = "0" * 64
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="shard-000000.tar has sha256 .* the manifest says 000000000000"):
+        index_manifest(str(tmp_path), progress=False)
+    manifest["shards"][0]["sha256"] = ""
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
 
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     manifest["shards"][1]["num_samples"] = 3  # the manifest no longer describes the file
@@ -124,7 +142,7 @@ def test_lanes_read_their_own_samples_and_nothing_else(where, tmp_path, request)
     # the control: the same shards without the index read the start of every shard a lane enters mid-way
     manifest = json.loads((folder / "manifest.json").read_text())
     for entry in manifest["shards"]:
-        del entry["offsets"]
+        del entry["offsets"], entry["crc32c"]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     legacy, _, _ = _read_epoch(ShardSet.open(_publish(folder, where, request)), cfg, world=2, batch=2)
     assert legacy["bytes_read"] > planned_bytes * 1.1
@@ -149,23 +167,85 @@ def test_a_resumed_loader_reads_only_the_samples_still_to_come(skip, tmp_path):
         assert resumed.stats["samples_read"] == sum(len(keys) for keys in batches)
 
 
-def test_a_checked_shard_is_read_whole_once(synthetic_shards):
-    """Shards with a sha256 (make_shards') are hashed when a lane reads one whole: the file is
-    read entire (its end-of-archive blocks are the only bytes beyond the samples)."""
+def test_a_whole_shard_is_checked_by_its_samples_checksums_or_read_whole_for_its_sha256(synthetic_shards, tmp_path):
+    """make_shards' shards carry per-sample CRC-32Cs: a lane that reads a shard whole reads
+    exactly its samples, each checked. Shards indexed before the checksums (offsets and a
+    sha256 only) are hashed whole instead: the file is read entire (its end-of-archive blocks
+    are the only bytes beyond the samples)."""
     shardset = ShardSet.open(str(synthetic_shards / "train"))
     cfg = DataConfig(num_workers=0, crop_size=16, frames=4)
     read, planned_bytes, planned_samples = _read_epoch(shardset, cfg, world=1, batch=2)
+    assert read["samples_read"] == planned_samples and read["bytes_read"] == planned_bytes
+
+    manifest = json.loads((synthetic_shards / "train" / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["crc32c"]
+    folder = tmp_path / "sha256-only"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for entry in manifest["shards"]:
+        (folder / entry["name"]).symlink_to(synthetic_shards / "train" / entry["name"])
+    read, planned_bytes, planned_samples = _read_epoch(ShardSet.open(str(folder)), cfg, world=1, batch=2)
     assert read["samples_read"] == planned_samples
-    tails = sum(entry["bytes"] - entry["offsets"][-1] for entry in shardset.manifest["shards"])
-    assert planned_bytes <= read["bytes_read"] <= planned_bytes + tails
+    tails = sum(entry["bytes"] - entry["offsets"][-1] for entry in manifest["shards"])
+    assert planned_bytes < read["bytes_read"] <= planned_bytes + tails
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_damaged_byte_costs_its_sample_only_and_before_it_is_used(where, tmp_path, request, caplog):
+    """One label digit flipped in storage: the tar still parses and the sample still decodes,
+    so only the index's CRC-32C can tell. The sample is skipped before anyone uses it, counted
+    and named, in training (a ranged read mid-shard; the position holds, the batch refills) and
+    in validation; every other sample of the shard is read. Without the checksums (the control)
+    the wrong label is trained on, silently."""
+    folder = tmp_path / "shards"
+    keys = write_shards(folder, [4, 4, 4], label_of=lambda n: 3)  # 2 ranks x 3 batches of 2: all used
+    index_manifest(str(folder), progress=False)
+    shard = folder / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    label = next(m for m in tarfile.open(fileobj=io.BytesIO(bytes(data))) if m.name == "100005.cls")
+    assert data[label.offset_data] == ord("3")
+    data[label.offset_data] = ord("7")
+    shard.write_bytes(bytes(data))
+    url = _publish(folder, where, request)
+    cfg = DataConfig(num_workers=0, crop_size=16, shuffle_window=3)
+
+    def epoch(shardset: ShardSet) -> tuple[dict[str, int], Counter]:
+        labels, stats = {}, Counter()
+        for rank in range(2):  # every read is a ranged one, by the index
+            loader = train_loader(cfg, shardset, batch_size=2, rank=rank, world_size=2, epoch=0, seed=0)
+            for batch in loader:
+                labels.update(zip(batch["keys"], batch["labels"].tolist()))
+            stats.update(loader.stats)
+        return labels, stats
+
+    labels, stats = epoch(ShardSet.open(url))
+    assert set(labels) == set(keys) - {"100005"} and set(labels.values()) == {3}
+    assert stats["corrupt_samples"] == 1 and stats["corrupt_shards"] == 0 and stats["refilled_samples"] == 1
+    assert "skipping sample number 1 of" in caplog.text and "shard-000001.tar" in caplog.text and "CRC-32C" in caplog.text
+
+    loader = val_loader(cfg, ShardSet.open(url), batch_size=2, rank=0, world_size=1)
+    assert sorted(key for batch in loader for key in batch["keys"]) == sorted(set(keys) - {"100005"})
+    assert loader.stats["corrupt_samples"] == 1
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["crc32c"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    labels, stats = epoch(ShardSet.open(_publish(folder, where, request)))
+    assert labels["100005"] == 7 and stats["corrupt_samples"] == 0
 
 
 def test_an_index_that_does_not_fit_its_shard_costs_speed_not_samples(tmp_path, caplog):
+    """Offsets without checksums (an index made before them) that no longer fit the shard: the
+    lanes read the shards from their start instead. (With checksums, the samples whose bytes
+    are not the indexed ones are skipped as damaged: see the test above.)"""
     folder = tmp_path / "shards"
     keys = write_shards(folder, [5, 5, 4])
     index_manifest(str(folder), progress=False)
     manifest = json.loads((folder / "manifest.json").read_text())
     for entry in manifest["shards"]:  # every inner offset one block into a member: a stale index
+        del entry["crc32c"]
         entry["offsets"] = [entry["offsets"][0]] + [o + 512 for o in entry["offsets"][1:-1]] + [entry["offsets"][-1]]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     cfg = DataConfig(num_workers=0, crop_size=16, shuffle_window=3)
@@ -177,6 +257,21 @@ def test_an_index_that_does_not_fit_its_shard_costs_speed_not_samples(tmp_path, 
     assert sorted(seen) == sorted(keys)
     assert stats["corrupt_shards"] == 0 and stats["refilled_samples"] == 0
     assert "python -m sharding.shard_index --force" in caplog.text
+
+
+def test_a_sample_too_large_to_hold_is_streamed_not_read_whole(tmp_path, monkeypatch, caplog):
+    """A sample that the index says is larger than a reader holds in memory (a hostile member
+    inside it) is not read in one piece: its shard is streamed, the oversized member skipped."""
+    import fusion.data.read
+
+    folder = tmp_path / "shards"
+    keys = write_shards(folder, [3, 3], extra_member={"pad.bin": b"p" * 20_000})
+    index_manifest(str(folder), progress=False)
+    monkeypatch.setattr(fusion.data.read, "MAX_PIECE_BYTES", 16_000)
+    loader = val_loader(DataConfig(num_workers=0, crop_size=16), ShardSet.open(str(folder)), batch_size=2, rank=0, world_size=1)
+    assert sorted(key for batch in loader for key in batch["keys"]) == sorted(keys)
+    assert loader.stats["corrupt_samples"] == loader.stats["corrupt_shards"] == 0
+    assert "more than the 16000 a sample is read whole at" in caplog.text
 
 
 @pytest.mark.parametrize("layout", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])

@@ -8,7 +8,6 @@ with only the micro batch shrunk to fit six training clips.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -21,9 +20,8 @@ import torch
 
 from fusion.config import ConfigError, load, render_help
 from launch import distributed
-from tests.conftest import clean_env
+from tests.conftest import clean_env, describe_again
 from launch.train import RunConfig, open_data, parse_command_line, resolve_data_url, step_seed, topk_correct
-from sharding.shard_index import sample_offsets
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 300
@@ -193,11 +191,7 @@ def with_one_corrupt_frame(folder: Path, tmp_path: Path) -> Path:
             writer.write(sample)
     # packed that way: the manifest describes the damaged shard (else the whole shard is refused),
     # its sample index included
-    manifest = json.loads((copy / "manifest.json").read_text())
-    with open(shard, "rb") as stream:
-        offsets = sample_offsets(stream)
-    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=hashlib.sha256(shard.read_bytes()).hexdigest(), offsets=offsets)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    describe_again(copy, shard.name)
     return copy
 
 

@@ -57,7 +57,9 @@ every rank takes the same decisions without talking to the others):
 6. **Reads.** A shard whose manifest entry has ``offsets`` (:mod:`sharding.shard_index`) is
    read from the first byte of the segment's first sample to the last byte of its last (a
    seek, an S3 ``Range`` GET), so a lane that starts mid-shard reads nothing before its run;
-   a whole shard with a sha256 is read entire, to check it. Without offsets (shards packed
+   each sample's bytes are read in one piece and checked against the index's CRC-32C before
+   they are parsed (an index without them: a whole shard with a sha256 is read entire, to
+   check it). Without offsets (shards packed
    before the index) a segment streams its shard from the start. With ``data.cache_dir`` the
    same bytes come from the node's checked copy of the whole shard (:mod:`sharding.cache`).
    Lanes count what they read (``bytes_read``, ``samples_read``, ``cache_*`` in :attr:`Loader.stats`).
@@ -68,7 +70,8 @@ every rank takes the same decisions without talking to the others):
 
    - a sample that does not decode, or whose frames are larger than the manifest allows (in
      bytes from the tar header, in pixels from the JPEG header: both checked before anything is
-     read or allocated, see :class:`FrameLimits`), is ``corrupt_samples``;
+     read or allocated, see :class:`FrameLimits`), or whose bytes do not match the index's
+     CRC-32C (a damaged byte that would still decode: a label digit), is ``corrupt_samples``;
    - a shard that is not what the manifest says (another size, a tar error, missing, too few
      samples, another sha256, hashed as it streams) is ``corrupt_shards``;
    - an unreachable store is not bad data: it is waited for with backoff up to

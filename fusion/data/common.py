@@ -19,7 +19,7 @@ import torch
 from fusion.config import ConfigError, option
 from fusion.features import FEATURES_FORMAT, FeatureSpec
 from sharding import storage
-from sharding.shard_index import check_offsets
+from sharding.shard_index import check_checksums, check_offsets
 from sharding.ssv2 import NUM_CLASSES, TEMPLATES
 
 if TYPE_CHECKING:
@@ -142,8 +142,9 @@ class ShardSet:
                                  "re-run sharding.make_shards")
             if not isinstance(entry.get("num_samples"), int) or entry["num_samples"] < 0:
                 raise ValueError(f"{manifest_url}: shard {name} has no valid num_samples; re-run sharding.make_shards")
-            if "offsets" in entry:
-                problem = check_offsets(entry["offsets"], entry["num_samples"], entry.get("bytes"))
+            if "offsets" in entry or "crc32c" in entry:
+                problem = (check_offsets(entry.get("offsets"), entry["num_samples"], entry.get("bytes"))
+                           or ("crc32c" in entry and check_checksums(entry["crc32c"], entry["num_samples"])))
                 if problem:
                     raise ValueError(f"{manifest_url}: shard {name}: {problem}; rebuild the index with "
                                      f"python -m sharding.shard_index --force {url}")
@@ -173,6 +174,11 @@ class ShardSet:
         """Where each sample of shard ``name`` starts, and where the last ends (bytes; see
         :mod:`sharding.shard_index`), or None for a shard packed without the index."""
         return self._entries[name].get("offsets")
+
+    def checksums(self, name: str) -> list[int] | None:
+        """The CRC-32C of each sample's bytes of shard ``name`` (:mod:`sharding.shard_index`), or
+        None for a shard indexed before checksums were."""
+        return self._entries[name].get("crc32c")
 
     def sample_bytes(self, segment: "Segment") -> int | None:
         """The bytes of the samples of ``segment`` in its shard (None without the index)."""

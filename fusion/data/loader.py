@@ -5,6 +5,7 @@ where to start."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import random
@@ -41,6 +42,7 @@ class _LaneDataset(torch.utils.data.IterableDataset):
                               and not shardset.is_features)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        keep_freed_pages()  # this process decodes
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         if workers == 1:
@@ -283,6 +285,30 @@ def init_worker(environment: dict[str, str], worker_id: int) -> None:
         signal.signal(number, signal.SIG_IGN)
 
 
+
+
+# glibc's malloc serves every allocation over its mmap threshold (128 KiB, rising only as far as
+# the blocks freed) with fresh, zeroed pages from the kernel: each clip's ~5 MB frame buffer and
+# batch cost ~80 page faults, ~0.4 ms a clip of ~5 ms on the demo's textured shards (a profile
+# of the decode-only loader process, launch/bench_loader.py). Below these thresholds the heap
+# keeps freed pages and the next clip reuses them; a decoding process then holds up to
+# TRIM_THRESHOLD of freed memory more than it otherwise would.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 128 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_pages_kept: list[bool] = []
+
+
+def keep_freed_pages() -> bool:
+    """Tune glibc's malloc of this process so decoded frames reuse freed pages (once a process;
+    elsewhere, e.g. musl or macOS, nothing changes). Returns whether glibc took both settings."""
+    if not _pages_kept:
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            _pages_kept.append(bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
+        except (OSError, AttributeError):
+            _pages_kept.append(False)
+    return _pages_kept[0]
 
 
 def crop_seed_text(seed: int, epoch: int) -> str:
