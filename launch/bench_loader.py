@@ -6,6 +6,11 @@ references measured on the same clips in the same run:
 - the naive loader: decoding each source ``.webm`` with PyAV and sampling T frames
   (``sharding.video.decode_sampled``, what make_shards does once so training never has to).
 
+The loader is timed in its three modes: the crop in the workers (the default), the crop on
+the device (``data.resize_on: device``: a loader process only decodes) and the decode on the
+device (``data.decode: gpu``: a loader process only reads and picks the frames' bytes); for
+the last two, one row times the loader process's own work, without the device's.
+
     python -m launch.bench_loader [--shards DIR] [--videos DIR] [--clips N] [--workers 0,2]
 
 Without ``--shards`` it generates a small synthetic SSv2 set (``sharding.synthetic``) and packs
@@ -82,14 +87,16 @@ def time_floor(samples: list[dict], frames: int) -> float:
 
 
 def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int, resize_on: str = "worker",
-                worker_side: bool = False, frames: int = 0) -> float:
+                worker_side: bool = False, frames: int = 0, decode: str = "cpu") -> float:
     """Clips/s through train_loader (one rank), counted from the first batch to the last so
     that worker start-up is not charged to the steady state. ``worker_side``: the loader's
     per-process work alone (its dataset iterated in this process: read, decode, batch), without
-    what the training process then does with the batch (the device crop of ``resize_on: device``)."""
+    what the training process then does with the batch (the device crop of ``resize_on: device``,
+    the device decode of ``decode: gpu``)."""
     # a small shuffle window spreads the tar reads over the timed batches (with the default 256
     # they would all fall in the first, untimed, batch): each sample's read is counted once
-    cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on, frames=frames, shuffle_window=batch_size)
+    cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on, frames=frames, shuffle_window=batch_size,
+                     decode=decode)
     loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0)
     seen, start = 0, None
     for batch in (loader.dataset if worker_side else loader):
@@ -140,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("loader process, resize_on device (decode only)", rate, 1))
         rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device", frames=args.frames)
         rows.append(("train_loader, resize_on device = this CPU", rate, 1))
+        # data.decode: gpu: the loader process only reads and picks the chosen frames' bytes
+        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, worker_side=True, frames=args.frames,
+                           decode="gpu")
+        rows.append(("loader process, decode gpu (bytes only)", rate, 1))
         videos = Path(args.videos or manifest_args.get("videos", ""))
         if videos.is_dir():
             naive = time_naive(videos, [s["__key__"] for s in samples], frames, int(shardset.manifest.get("short_side", 240)))

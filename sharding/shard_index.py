@@ -134,6 +134,40 @@ def _read_into(handle: BinaryIO, count: int, digest, crc: int | None = None) -> 
     return crc
 
 
+class SampleChecker:
+    """Checks each sample of a shard against its CRC-32C as the shard's bytes pass through
+    :meth:`update`, in order from its first byte, in pieces of any size (a download's chunks).
+    :attr:`failed` lists the samples whose bytes do not match; :attr:`complete` says every
+    sample was seen."""
+
+    def __init__(self, offsets: list[int], checksums: list[int]) -> None:
+        self.offsets, self.checksums = offsets, checksums
+        self.position = self.sample = self.crc = 0
+        self.failed: list[int] = []
+
+    def update(self, data: bytes) -> None:
+        done = 0
+        while done < len(data) and self.sample < len(self.checksums):
+            start, end = self.offsets[self.sample], self.offsets[self.sample + 1]
+            if self.position < start:  # bytes before the first sample: no sample's
+                step = min(len(data) - done, start - self.position)
+            else:
+                step = min(len(data) - done, end - self.position)
+                whole = done == 0 and step == len(data)
+                self.crc = crc32c(data if whole else data[done : done + step], self.crc)
+            done += step
+            self.position += step
+            if self.position == end:
+                if self.crc != self.checksums[self.sample]:
+                    self.failed.append(self.sample)
+                self.sample, self.crc = self.sample + 1, 0
+        self.position += len(data) - done  # past the last sample: the end-of-archive blocks
+
+    @property
+    def complete(self) -> bool:
+        return self.sample == len(self.checksums)
+
+
 def check_offsets(offsets: object, num_samples: int, size: int | None) -> str | None:
     """Why ``offsets`` cannot be a manifest entry's index, or None when it can."""
     if not isinstance(offsets, list) or not all(isinstance(value, int) for value in offsets):

@@ -140,3 +140,31 @@ def test_a_bad_shard_through_the_cache_is_counted_not_kept(tmp_path):
     seen = [key for batch in loader for key in batch["keys"]]
     assert loader.stats["corrupt_shards"] >= 1 and not set(seen) & set(keys[4:])
     assert [p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == ["shard-000000.tar"]
+
+
+def test_a_damaged_sample_costs_that_sample_not_its_shard(tmp_path, caplog):
+    """A copy whose bytes fail a sample's CRC-32C is not kept (the check runs as the shard
+    downloads, instead of the sha256); the loader then reads that shard from storage, where
+    only the damaged sample is lost."""
+    folder = tmp_path / "shards"
+    keys = write_shards(folder, [4, 4], label_of=lambda n: 3)
+    index_manifest(str(folder), progress=False)
+    entry = json.loads((folder / "manifest.json").read_text())["shards"][1]
+    shard = folder / entry["name"]
+    data = bytearray(shard.read_bytes())
+    data[data.index(b"100006.cls") + 512] ^= 0x04  # its label digit: "3" -> "7", same size
+    shard.write_bytes(bytes(data))
+
+    index = (entry["offsets"], entry["crc32c"])
+    with pytest.raises(CachedShardMismatch, match=r"samples \[2\] do not match the manifest's CRC-32C"):
+        ShardCache(tmp_path / "direct", 1 << 30).open_range(str(shard), entry["bytes"], None, 0, None, index=index)
+    assert not any(p for p in (tmp_path / "direct").iterdir() if not p.name.endswith(".lock"))
+
+    cfg = DataConfig(num_workers=0, crop_size=16, shuffle_window=2, cache_dir=str(tmp_path / "cache"), cache_gb=1.0)
+    loader = train_loader(cfg, ShardSet.open(str(folder)), batch_size=2, rank=0, world_size=1, epoch=0, seed=0)
+    seen = {key for batch in loader for key in batch["keys"]}
+    assert seen == set(keys) - {"100006"}
+    assert loader.stats["corrupt_samples"] == 1 and loader.stats["corrupt_shards"] == 0
+    assert "the node cache did not keep" in caplog.text
+    kept = [p.name.split("-", 1)[1] for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert kept == ["shard-000000.tar"]

@@ -20,7 +20,7 @@ from fusion.data.common import (MAX_BACKOFF_S, MAX_READ_PASSES, READ_MEMBER, Dat
                                 Oversize, ShardMismatch, ShardSet)
 from fusion.data.plan import LanePlan, Segment, segments_of_items, window_permutation
 from sharding import storage
-from sharding.cache import ShardCache
+from sharding.cache import CachedShardMismatch, ShardCache
 from sharding.shard_index import crc32c
 
 
@@ -63,7 +63,8 @@ def read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events: 
             hashing = whole and expected_sha and position == 0 and checksums is None
             if cache is not None:  # checked whole when fetched: no hashing here
                 cached = cache.open_range(url, expected_bytes, expected_sha, offsets[position] if offsets else 0,
-                                          offsets[segment.stop] if offsets else None)
+                                          offsets[segment.stop] if offsets else None,
+                                          index=(offsets, checksums) if checksums else None)
             if cached is not None:
                 stream, fetched = cached
                 events.count("bytes_read", fetched)
@@ -109,6 +110,11 @@ def read_segment(shardset: ShardSet, segment: Segment, cfg: DataConfig, events: 
                                         f"shard that was packed, and its {segment.stop} samples were already used")
             return
         except (tarfile.TarError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as error:
+            if isinstance(error, CachedShardMismatch) and checksums is not None:
+                # damaged samples: read storage directly, where only those samples are lost
+                events.warn(f"the node cache did not keep {url}: {error}; reading it from storage instead")
+                cache = None
+                continue
             if ranged and isinstance(error, tarfile.TarError):
                 # no tar member where the index says one starts: the index, not the shard, may be
                 # wrong (a hand-rewritten shard); read the shard from its start rather than lose it
