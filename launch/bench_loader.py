@@ -11,7 +11,7 @@ the device (``data.resize_on: device``: a loader process only decodes) and the d
 device (``data.decode: gpu``: a loader process only reads and picks the frames' bytes); for
 the last two, one row times the loader process's own work, without the device's.
 
-    python -m launch.bench_loader [--shards DIR] [--videos DIR] [--clips N] [--workers 0,2]
+    python -m launch.bench_loader [--shards DIR] [--videos DIR] [--clips N] [--workers 0,2] [--rounds 5]
 
 Without ``--shards`` it generates a small synthetic SSv2 set (``sharding.synthetic``) and packs
 it with make_shards in a temporary folder. The source videos are found through the
@@ -21,13 +21,17 @@ manifest's ``args.videos`` unless ``--videos`` names them. Figures are ratios, n
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import simplejpeg
 import torch
+from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from fusion.data import READ_MEMBER, DataConfig, ShardSet, train_loader
@@ -41,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--videos", help="folder of the source .webm files (default: the manifest's args.videos)")
     parser.add_argument("--clips", type=int, default=64, help="clips to time on each path (default 64)")
     parser.add_argument("--workers", default="0,2", help="loader worker counts to time, comma-separated (default 0,2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times every path is timed, in turn; the median is printed, and the spread of the "
+                             "rounds' ratios (this 2-core machine's figures move by ~0.1x from run to run) (default 1)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--frames", type=int, default=0,
@@ -135,34 +142,46 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shards: {shards}  ({shardset.num_samples} clips, T={frames}, short side {shardset.manifest.get('short_side')}), "
               f"timing {clips} clips per path, cpu cores here: {os.cpu_count()}")
 
-        floor = time_floor(samples, frames)
-        rows = [("JPEG decode only (simplejpeg, floor)", floor, 1)]
+        # every path as a thunk, timed in turn each round: a slow spell of the machine then
+        # falls on all paths alike, and the median of the rounds is what is printed
+        paths: list[tuple[str, int, Callable[[], float]]] = [
+            ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(samples, frames))]
         for workers in (int(w) for w in args.workers.split(",")):
-            rate = time_loader(shardset, workers, args.batch_size, args.crop_size, clips, frames=args.frames)
-            rows.append((f"train_loader, {workers} workers, crop {args.crop_size}", rate, max(1, workers)))
+            paths.append((f"train_loader, {workers} workers, crop {args.crop_size}", max(1, workers),
+                          functools.partial(time_loader, shardset, workers, args.batch_size, args.crop_size, clips,
+                                            frames=args.frames)))
+        timed = functools.partial(time_loader, shardset, 0, args.batch_size, args.crop_size, clips, frames=args.frames)
         # data.resize_on: device: what a loader process does (the GPU would crop), then the
         # same with the crop on this CPU as the "device" (the CPU-only path of that mode)
-        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device", worker_side=True,
-                           frames=args.frames)
-        rows.append(("loader process, resize_on device (decode only)", rate, 1))
-        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, resize_on="device", frames=args.frames)
-        rows.append(("train_loader, resize_on device = this CPU", rate, 1))
+        paths.append(("loader process, resize_on device (decode only)", 1,
+                      functools.partial(timed, resize_on="device", worker_side=True)))
+        paths.append(("train_loader, resize_on device = this CPU", 1, functools.partial(timed, resize_on="device")))
         # data.decode: gpu: the loader process only reads and picks the chosen frames' bytes
-        rate = time_loader(shardset, 0, args.batch_size, args.crop_size, clips, worker_side=True, frames=args.frames,
-                           decode="gpu")
-        rows.append(("loader process, decode gpu (bytes only)", rate, 1))
+        paths.append(("loader process, decode gpu (bytes only)", 1, functools.partial(timed, worker_side=True, decode="gpu")))
         videos = Path(args.videos or manifest_args.get("videos", ""))
         if videos.is_dir():
-            naive = time_naive(videos, [s["__key__"] for s in samples], frames, int(shardset.manifest.get("short_side", 240)))
-            rows.append(("naive: PyAV .webm decode + sample T frames", naive, 1))
+            keys, short_side = [s["__key__"] for s in samples], int(shardset.manifest.get("short_side", 240))
+            paths.append(("naive: PyAV .webm decode + sample T frames", 1,
+                          lambda: time_naive(videos, keys, frames, short_side)))
         else:
             print(f"(no source videos at '{videos}': naive path not timed; pass --videos)")
+        rates: dict[str, list[float]] = {name: [] for name, _, _ in paths}
+        for _ in tqdm(range(args.rounds), desc="rounds", unit="round", disable=args.rounds == 1):
+            for name, _, measure in paths:
+                rates[name].append(measure())
+        rows = [(name, statistics.median(rates[name]), cores) for name, cores, _ in paths]
+        floor = rows[0][1]
 
-        print(f"{'path':<48} {'clips/s':>9} {'cores':>6} {'clips/s/core':>13} {'vs floor':>9}")
+        spread = args.rounds > 1
+        print(f"{'path':<48} {'clips/s':>9} {'cores':>6} {'clips/s/core':>13} {'vs floor':>9}"
+              + (f"  {'rounds (vs floor)':>17}" if spread else ""))
         for name, rate, cores in rows:
             per_core = rate / cores
-            print(f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x")
-
+            line = f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x"
+            if spread:  # each round's ratio to that round's floor
+                ratios = [r / cores / f for r, f in zip(rates[name], rates[rows[0][0]])]
+                line += f"  {min(ratios):8.2f}-{max(ratios):.2f}x"
+            print(line)
 
 if __name__ == "__main__":
     main()
