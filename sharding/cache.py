@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from sharding import storage
-from sharding.shard_index import SampleChecker
+from sharding.shard_index import SampleCrcs
 
 CHUNK = 1 << 20
 
@@ -124,17 +124,17 @@ class ShardCache:
     def _fetch(self, url: str, reserved: tuple[BinaryIO, str], path: Path, size: int, sha256: str | None,
                index: tuple[list[int], list[int]] | None) -> int:
         out, temp = reserved
-        checker = SampleChecker(*index) if index else None
+        crcs = SampleCrcs(index[0]) if index else None
         try:
             stream, served = storage.open_sized(url)
             try:
                 if served != size:
                     raise CachedShardMismatch(f"it is {served} bytes, the manifest says {size}: not the shard that was packed")
-                digest, count = (hashlib.sha256() if checker is None else None), 0
+                digest, count = (hashlib.sha256() if crcs is None else None), 0
                 while chunk := stream.read(CHUNK):
                     out.write(chunk)
-                    if checker is not None:
-                        checker.update(chunk)
+                    if crcs is not None:
+                        crcs.update(chunk)
                     else:
                         digest.update(chunk)
                     count += len(chunk)
@@ -142,10 +142,10 @@ class ShardCache:
                 stream.close()
             if count != size:
                 raise CachedShardMismatch(f"storage sent {count} of its {size} bytes")
-            if checker is not None and (checker.failed or not checker.complete):
-                raise CachedShardMismatch(f"samples {checker.failed[:5]} do not match the manifest's CRC-32C: a damaged "
-                                          "copy, not kept")
-            if checker is None and sha256 and digest.hexdigest() != sha256:
+            if crcs is not None and (crcs.mismatches(index[1]) or not crcs.complete):
+                raise CachedShardMismatch(f"samples {crcs.mismatches(index[1])[:5]} do not match the manifest's CRC-32C: "
+                                          "a damaged copy, not kept")
+            if crcs is None and sha256 and digest.hexdigest() != sha256:
                 raise CachedShardMismatch(f"its sha256 is {digest.hexdigest()[:12]}..., the manifest says "
                                           f"{sha256[:12]}...: not the shard that was packed")
             out.flush()

@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -106,49 +107,31 @@ def describe_shard(path: str | Path) -> ShardDescription:
     offsets come from the headers (a seek per member), then one read of the file feeds both
     checksums."""
     digest = hashlib.sha256()
-    checksums: list[int] = []
     with open(path, "rb") as handle:
-        offsets = sample_offsets(handle)
+        crcs = SampleCrcs(sample_offsets(handle))
         handle.seek(0)
-        _read_into(handle, offsets[0], digest)
-        for start, stop in zip(offsets, offsets[1:]):
-            checksums.append(_read_into(handle, stop - start, digest, crc=0))
-        _read_into(handle, -1, digest)  # the end-of-archive blocks
-    return ShardDescription(os.path.getsize(path), digest.hexdigest(), offsets, checksums)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            crcs.update(block)
+    if not crcs.complete:
+        raise tarfile.ReadError(f"{path} ends before its last sample does")
+    return ShardDescription(os.path.getsize(path), digest.hexdigest(), crcs.offsets, crcs.values)
 
 
-def _read_into(handle: BinaryIO, count: int, digest, crc: int | None = None) -> int | None:
-    """Read ``count`` bytes of ``handle`` (-1: to its end) into ``digest`` and, given a start
-    value, a CRC-32C, which is returned."""
-    while count:
-        block = handle.read(1 << 20 if count < 0 else min(count, 1 << 20))
-        if not block:
-            if count > 0:
-                raise tarfile.ReadError(f"{handle.name} ends {count} bytes before its last sample does")
-            break
-        digest.update(block)
-        if crc is not None:
-            crc = crc32c(block, crc)
-        if count > 0:
-            count -= len(block)
-    return crc
+class SampleCrcs:
+    """The CRC-32C of each sample of a shard whose bytes pass through :meth:`update` in order,
+    from its first byte, in pieces of any size (a file's blocks, a download's chunks):
+    :attr:`values`, one a sample as its last byte passes; :attr:`complete` once all have."""
 
-
-class SampleChecker:
-    """Checks each sample of a shard against its CRC-32C as the shard's bytes pass through
-    :meth:`update`, in order from its first byte, in pieces of any size (a download's chunks).
-    :attr:`failed` lists the samples whose bytes do not match; :attr:`complete` says every
-    sample was seen."""
-
-    def __init__(self, offsets: list[int], checksums: list[int]) -> None:
-        self.offsets, self.checksums = offsets, checksums
-        self.position = self.sample = self.crc = 0
-        self.failed: list[int] = []
+    def __init__(self, offsets: list[int]) -> None:
+        self.offsets = offsets
+        self.values: list[int] = []
+        self.position = self.crc = 0
 
     def update(self, data: bytes) -> None:
         done = 0
-        while done < len(data) and self.sample < len(self.checksums):
-            start, end = self.offsets[self.sample], self.offsets[self.sample + 1]
+        while done < len(data) and not self.complete:
+            start, end = self.offsets[len(self.values)], self.offsets[len(self.values) + 1]
             if self.position < start:  # bytes before the first sample: no sample's
                 step = min(len(data) - done, start - self.position)
             else:
@@ -158,14 +141,17 @@ class SampleChecker:
             done += step
             self.position += step
             if self.position == end:
-                if self.crc != self.checksums[self.sample]:
-                    self.failed.append(self.sample)
-                self.sample, self.crc = self.sample + 1, 0
+                self.values.append(self.crc)
+                self.crc = 0
         self.position += len(data) - done  # past the last sample: the end-of-archive blocks
 
     @property
     def complete(self) -> bool:
-        return self.sample == len(self.checksums)
+        return len(self.values) == len(self.offsets) - 1
+
+    def mismatches(self, expected: list[int]) -> list[int]:
+        """The samples whose bytes, seen so far, do not have the ``expected`` CRC-32C."""
+        return [number for number, (value, want) in enumerate(zip(self.values, expected)) if value != want]
 
 
 def check_offsets(offsets: object, num_samples: int, size: int | None) -> str | None:
@@ -240,8 +226,7 @@ def _describe_stored(shard_url: str) -> ShardDescription:
     with tempfile.NamedTemporaryFile(prefix="shard_index_", suffix=".tar") as copy:
         stream, _ = storage.open_sized(shard_url)
         with stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                copy.write(block)
+            shutil.copyfileobj(stream, copy, 1 << 20)
         copy.flush()
         return describe_shard(copy.name)
 

@@ -19,7 +19,7 @@ import pytest
 
 from fusion.data import DataConfig, ShardSet, TarStream, train_loader, train_plan, val_loader, val_plan
 from sharding import storage
-from sharding.shard_index import SampleChecker, crc32c, index_manifest, sample_offsets
+from sharding.shard_index import SampleCrcs, crc32c, index_manifest, sample_offsets
 from tests.test_data import write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +57,8 @@ def test_make_shards_writes_the_index_a_scan_finds(synthetic_shards):
         assert entry["crc32c"] == [crc32c(data[a:b]) for a, b in zip(streamed, streamed[1:])]
 
 
-def test_the_sample_checker_finds_the_damaged_sample_in_any_chunking(synthetic_shards):
-    """sharding.shard_index.SampleChecker (the node cache's check as a shard downloads): fed a
+def test_the_sample_checksums_find_the_damaged_sample_in_any_chunking(synthetic_shards):
+    """sharding.shard_index.SampleCrcs (the node cache's check as a shard downloads): fed a
     shard in pieces of any size, it checks every sample, and names the one a flipped byte hit."""
     entry = json.loads((synthetic_shards / "train" / "manifest.json").read_text())["shards"][0]
     data = (synthetic_shards / "train" / entry["name"]).read_bytes()
@@ -66,10 +66,10 @@ def test_the_sample_checker_finds_the_damaged_sample_in_any_chunking(synthetic_s
     damaged[(entry["offsets"][1] + entry["offsets"][2]) // 2] ^= 1  # inside sample 1
     for chunk in (7, 512, 1000, 1 << 20):
         for content, failed in ((data, []), (bytes(damaged), [1])):
-            checker = SampleChecker(entry["offsets"], entry["crc32c"])
+            crcs = SampleCrcs(entry["offsets"])
             for start in range(0, len(content), chunk):
-                checker.update(content[start:start + chunk])
-            assert checker.complete and checker.failed == failed
+                crcs.update(content[start:start + chunk])
+            assert crcs.complete and crcs.mismatches(entry["crc32c"]) == failed
 
 
 def test_the_scan_command_indexes_old_shards_and_refuses_foreign_ones(tmp_path):

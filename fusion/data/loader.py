@@ -296,19 +296,17 @@ def init_worker(environment: dict[str, str], worker_id: int) -> None:
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 128 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-_pages_kept: list[bool] = []
 
 
+@functools.cache  # once a process
 def keep_freed_pages() -> bool:
-    """Tune glibc's malloc of this process so decoded frames reuse freed pages (once a process;
-    elsewhere, e.g. musl or macOS, nothing changes). Returns whether glibc took both settings."""
-    if not _pages_kept:
-        try:
-            mallopt = ctypes.CDLL("libc.so.6").mallopt
-            _pages_kept.append(bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
-        except (OSError, AttributeError):
-            _pages_kept.append(False)
-    return _pages_kept[0]
+    """Tune glibc's malloc of this process so decoded frames reuse freed pages (elsewhere, e.g.
+    musl or macOS, nothing changes). Returns whether glibc took both settings."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def crop_seed_text(seed: int, epoch: int) -> str:
