@@ -93,7 +93,7 @@ class FeatureSpec:
 
 def _array(sample: dict[str, Any], extension: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     data = sample.get(extension)
-    if not isinstance(data, bytes):
+    if not isinstance(data, (bytes, memoryview)):  # a memoryview: of the sample's piece (fusion.data.read)
         raise CorruptFeatures(f"no readable {extension} member" + (f" ({data})" if data is not None else ""))
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
@@ -114,9 +114,9 @@ def decode_features(sample: dict[str, Any], spec: FeatureSpec, view: int, label:
     view was cut flipped (SSv2's left/right classes swap). Raises :class:`CorruptFeatures`."""
     semantic = _array(sample, SEMANTIC_MEMBER, (spec.views, *spec.semantic_shape), spec.dtype)
     motion = _array(sample, MOTION_MEMBER, (spec.views, *spec.motion_shape), spec.dtype)
-    if isinstance(sample.get("json"), bytes) and label >= 0:
+    if isinstance(sample.get("json"), (bytes, memoryview)) and label >= 0:
         try:
-            labels = json.loads(sample["json"])["labels"]
+            labels = json.loads(bytes(sample["json"]))["labels"]
             label = int(labels[view])
         except (ValueError, KeyError, IndexError, TypeError):
             raise CorruptFeatures("the json member is not a record of the views' labels") from None

@@ -135,9 +135,9 @@ def _label(sample: dict[str, Any], require: bool) -> int:
     if isinstance(sample["cls"], Oversize):
         raise CorruptSample(f"the .cls member is {sample['cls'].size:,} bytes")
     try:
-        label = int(sample["cls"].decode("ascii").strip())
+        label = int(bytes(sample["cls"]).decode("ascii").strip())  # bytes, or a memoryview of the sample's piece
     except (UnicodeDecodeError, ValueError):
-        raise CorruptSample(f"label {sample['cls'][:20]!r} is not a number") from None
+        raise CorruptSample(f"label {bytes(sample['cls'][:20])!r} is not a number") from None
     if not 0 <= label < NUM_CLASSES:
         raise CorruptSample(f"label {label} is outside 0..{NUM_CLASSES - 1}")
     return label
