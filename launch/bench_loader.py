@@ -83,49 +83,54 @@ def read_samples(shardset: ShardSet, limit: int) -> list[dict]:
     return samples
 
 
-def time_floor(samples: list[dict], frames: int) -> float:
-    """Clips/s decoding only the JPEG frames, one thread."""
+def time_floor(samples: list[dict], frames: int) -> tuple[float, float]:
+    """Clips/s decoding only the JPEG frames, one thread, and CPU ms a clip."""
     names = [f"{t:03d}.jpg" for t in range(frames)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for sample in samples:
         for name in names:
             simplejpeg.decode_jpeg(sample[name], colorspace="RGB")
-    return len(samples) / (time.perf_counter() - start)
+    return len(samples) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(samples)
 
 
 def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int, resize_on: str = "worker",
-                worker_side: bool = False, frames: int = 0, decode: str = "cpu") -> float:
+                worker_side: bool = False, frames: int = 0, decode: str = "cpu", device: str | None = None
+                ) -> tuple[float, float]:
     """Clips/s through train_loader (one rank), counted from the first batch to the last so
-    that worker start-up is not charged to the steady state. ``worker_side``: the loader's
+    that worker start-up is not charged to the steady state, and the CPU ms a clip of all its
+    processes over that span (this one's, and what the workers report, ``worker_cpu_us``). ``worker_side``: the loader's
     per-process work alone (its dataset iterated in this process: read, decode, batch), without
     what the training process then does with the batch (the device crop of ``resize_on: device``,
-    the device decode of ``decode: gpu``)."""
+    the device decode of ``decode: gpu``). ``device="meta"`` with ``resize_on: device``: the
+    batches as the training process receives them from the workers, the crop computing shapes
+    only (what the GPU would do costs nothing here)."""
     # a small shuffle window spreads the tar reads over the timed batches (with the default 256
     # they would all fall in the first, untimed, batch): each sample's read is counted once
     cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on, frames=frames, shuffle_window=batch_size,
                      decode=decode)
-    loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0)
+    loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0, device=device)
     seen, start = 0, None
     for batch in (loader.dataset if worker_side else loader):
         if start is None:
-            start = time.perf_counter()
+            start, cpu, worker_cpu = time.perf_counter(), time.process_time(), loader.stats["worker_cpu_us"]
         else:
             seen += len(batch["keys"])
         if seen >= clips:
             break
-    return seen / (time.perf_counter() - start)
+    cpu = time.process_time() - cpu + (loader.stats["worker_cpu_us"] - worker_cpu) / 1e6
+    return seen / (time.perf_counter() - start), cpu * 1e3 / seen
 
 
-def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> float:
-    """Clips/s decoding the source videos and sampling T frames, one thread."""
+def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> tuple[float, float]:
+    """Clips/s decoding the source videos and sampling T frames, one thread, and CPU ms a clip."""
     paths = [next(iter(videos.glob(f"{key}.*")), None) for key in keys]
     paths = [p for p in paths if p is not None]
     if not paths:
         raise SystemExit(f"no source videos for the shard keys under {videos}: pass --videos")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         decode_sampled(path, frames, short_side)
-    return len(paths) / (time.perf_counter() - start)
+    return len(paths) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(paths)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # every path as a thunk, timed in turn each round: a slow spell of the machine then
         # falls on all paths alike, and the median of the rounds is what is printed
-        paths: list[tuple[str, int, Callable[[], float]]] = [
+        paths: list[tuple[str, int, Callable[[], tuple[float, float]]]] = [
             ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(samples, frames))]
         for workers in (int(w) for w in args.workers.split(",")):
             paths.append((f"train_loader, {workers} workers, crop {args.crop_size}", max(1, workers),
@@ -156,6 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         paths.append(("loader process, resize_on device (decode only)", 1,
                       functools.partial(timed, resize_on="device", worker_side=True)))
         paths.append(("train_loader, resize_on device = this CPU", 1, functools.partial(timed, resize_on="device")))
+        # the same decode in loader workers: what the training process receives (a GPU's crop
+        # would cost this CPU nothing; the "meta" device computes only its shapes)
+        for workers in (int(w) for w in args.workers.split(",") if int(w) > 0):
+            paths.append((f"{workers} workers -> trainer, resize_on device", workers,
+                          functools.partial(time_loader, shardset, workers, args.batch_size, args.crop_size, clips,
+                                            frames=args.frames, resize_on="device", device="meta")))
         # data.decode: gpu: the loader process only reads and picks the chosen frames' bytes
         paths.append(("loader process, decode gpu (bytes only)", 1, functools.partial(timed, worker_side=True, decode="gpu")))
         videos = Path(args.videos or manifest_args.get("videos", ""))
@@ -166,18 +177,22 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"(no source videos at '{videos}': naive path not timed; pass --videos)")
         rates: dict[str, list[float]] = {name: [] for name, _, _ in paths}
+        cpu: dict[str, list[float]] = {name: [] for name, _, _ in paths}
         for _ in tqdm(range(args.rounds), desc="rounds", unit="round", disable=args.rounds == 1):
             for name, _, measure in paths:
-                rates[name].append(measure())
-        rows = [(name, statistics.median(rates[name]), cores) for name, cores, _ in paths]
+                rate, cpu_ms = measure()
+                rates[name].append(rate)
+                cpu[name].append(cpu_ms)
+        rows = [(name, statistics.median(rates[name]), cores, statistics.median(cpu[name])) for name, cores, _ in paths]
         floor = rows[0][1]
 
         spread = args.rounds > 1
-        print(f"{'path':<48} {'clips/s':>9} {'cores':>6} {'clips/s/core':>13} {'vs floor':>9}"
+        # cpu ms/clip: every process of the path (the workers' own count, their hand-over included)
+        print(f"{'path':<48} {'clips/s':>9} {'cores':>6} {'clips/s/core':>13} {'vs floor':>9} {'cpu ms/clip':>12}"
               + (f"  {'rounds (vs floor)':>17}" if spread else ""))
-        for name, rate, cores in rows:
+        for name, rate, cores, cpu_ms in rows:
             per_core = rate / cores
-            line = f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x"
+            line = f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x {cpu_ms:12.2f}"
             if spread:  # each round's ratio to that round's floor
                 ratios = [r / cores / f for r, f in zip(rates[name], rates[rows[0][0]])]
                 line += f"  {min(ratios):8.2f}-{max(ratios):.2f}x"

@@ -20,6 +20,7 @@ import webdataset as wds
 
 from fusion.config import ConfigError
 from fusion.data import ERROR_KEYS, DataConfig, ShardSet, batches_per_rank, train_loader, val_loader
+from fusion.data.loader import FrameSlots, _LaneDataset
 from sharding import storage
 from sharding.ssv2 import LEFT_RIGHT_PAIRS, TEMPLATES, flip_label
 
@@ -451,3 +452,46 @@ def test_cropping_on_the_device_gives_the_workers_pixels(even_shards, workers, n
     for (keys, labels, clips), (keys_w, labels_w, clips_w) in zip(made["device"], made["worker"]):
         assert keys == keys_w and labels == labels_w
         assert clips.dtype == torch.uint8 and torch.equal(clips, clips_w)
+
+
+@pytest.mark.parametrize("room", ["enough", "none"])
+def test_workers_send_whole_frames_through_shared_slots(even_shards, room, monkeypatch, no_hang):
+    """``data.resize_on: device`` with workers: the frames cross to the training process through
+    :class:`FrameSlots`, a few regions each worker reuses in turn (here 3 for 6 batches a worker,
+    so each region is reused), and every batch is still exactly what the workers would cut.
+    Without room for a batch, it goes the DataLoader's way and is counted."""
+    shardset, _ = even_shards
+    released = []
+    monkeypatch.setattr(FrameSlots, "release", lambda self, placed, real=FrameSlots.release: (
+        released.append((placed["worker"], placed["number"])), real(self, placed)))
+    if room == "none":
+        monkeypatch.setattr(_LaneDataset, "frame_slot_bytes", lambda self: 1)
+    made = {}
+    for where in ("worker", "device"):
+        cfg = DataConfig(num_workers=2, crop_size=16, shuffle_window=3, flip=True, resize_on=where, prefetch_batches=1)
+        loader = train_loader(cfg, shardset, batch_size=2, rank=0, world_size=1, epoch=0, seed=3)
+        made[where] = [(b["keys"], b["clips"]) for b in loader]
+        misses = loader.stats.get("frame_slot_misses", 0)
+    assert len(made["device"]) == len(made["worker"]) == 12
+    for (keys, clips), (keys_w, clips_w) in zip(made["device"], made["worker"]):
+        assert keys == keys_w and torch.equal(clips, clips_w)
+    if room == "enough":
+        assert misses == 0 and sorted(released) == [(worker, number) for worker in (0, 1) for number in range(6)]
+    else:
+        assert misses == 12 and released == []
+
+
+def test_a_frame_slot_in_use_is_not_written():
+    """A worker's region is written again only once the training process released the batch
+    that used it: until then :meth:`FrameSlots.place` refuses (the batch goes the other way)."""
+    slots = FrameSlots(workers=2, slots=2, slot_bytes=2 * 3 * 4 * 5)
+    frames = [torch.arange(2 * 4 * 5 * 3, dtype=torch.uint8).view(2, 4, 5, 3).permute(0, 3, 1, 2)]
+    first, second = (slots.place(1, number, frames) for number in (0, 1))
+    assert first is not None and second is not None and slots.place(0, 0, frames) is not None
+    assert torch.equal(slots.frames(first)[0], frames[0]) and slots.frames(first)[0].shape == (2, 3, 4, 5)
+    assert slots.place(1, 2, frames) is None  # batch 0's region: still in use
+    slots.release(first)
+    third = slots.place(1, 2, [frames[0].flip(0)])
+    assert third is not None and third["layout"] == first["layout"]
+    assert torch.equal(slots.frames(third)[0], frames[0].flip(0)) and torch.equal(slots.frames(second)[0], frames[0])
+    assert slots.place(1, 3, frames * 2) is None  # two clips do not fit one region

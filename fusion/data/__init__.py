@@ -96,7 +96,10 @@ Clips stay uint8 (the model normalises on the device). Training takes one random
 for all ``T`` frames of a clip, validation the centre square; there is no plain horizontal
 flip, only the optional flip that also swaps SSv2's left/right labels (``flip: true``).
 With ``decode: gpu`` the workers only move JPEG bytes and crop boxes, and the batch is decoded
-on the GPU with ``torchvision.io.decode_jpeg(..., device="cuda")``.
+on the GPU with ``torchvision.io.decode_jpeg(..., device="cuda")``. With ``resize_on: device``
+the workers write each batch's whole frames into shared memory they reuse
+(:class:`~fusion.data.loader.FrameSlots`) and send only where the frames lie; the training
+process cuts them on the device, then releases the memory to its worker.
 
 **Feature shards** (``launch/extract_features.py``, :mod:`fusion.features`) go through the same
 plan, reads, skips and refills; their samples hold the frozen backbones' outputs instead of

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import random
 import signal
+import time
 from collections import Counter, deque
 from typing import Any, Iterator
 
@@ -40,11 +42,26 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         # data.resize_on: device: workers decode the chosen frames and the Loader cuts the batch
         self.cut_on_device = (cfg.decode == "cpu" and cfg.resize_on == "device" and sampling.views == 1
                               and not shardset.is_features)
+        self.frame_slots: FrameSlots | None = None  # set by the Loader for its workers' batches of whole frames
+        self.worker, self.slotted = 0, 0  # this process's worker id; its batches sent through the slots
+
+    def frame_slot_bytes(self) -> int | None:
+        """Room for one batch of whole frames, for :class:`FrameSlots`: ``T`` frames a clip of the
+        manifest's short side by up to twice that (SSv2's are under 2:1); None without a short
+        side. A batch of wider frames goes the DataLoader's own way."""
+        short = self.shardset.manifest.get("short_side")
+        if not isinstance(short, int) or short <= 0:
+            return None
+        return self.batch_size * self.sampling.frames * 3 * short * 2 * short
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         keep_freed_pages()  # this process decodes
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        self.worker, self.slotted = worker, 0
+        # a worker's CPU time since its last batch, sent with each (worker_cpu_us in Loader.stats):
+        # what the hand-over costs shows there, not in the training process
+        self.cpu_mark = time.process_time() if info else None
         if workers == 1:
             # one process serves every lane, interleaved exactly as the workers would be
             streams = [self._lane_batches(plan) for plan in self.plans]
@@ -118,9 +135,14 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         return clip, label, key
 
     def _collate(self, chosen: list[tuple[Any, int, str]], events: DataEvents) -> dict[str, Any]:
+        placed = self._place_frames([clip["frames"] for clip, _, _ in chosen], events) if self.cut_on_device else None
+        if self.cpu_mark is not None:
+            now = time.process_time()  # all of this process's threads: the DataLoader's feeder's pickling too
+            events.count("worker_cpu_us", round((now - self.cpu_mark) * 1e6))
+            self.cpu_mark = now
         counts, messages = events.take()
         batch: dict[str, Any] = dict(
-            labels=torch.tensor([label for _, label, _ in chosen], dtype=torch.int64),
+            labels=[label for _, label, _ in chosen],  # a tensor in the training process: no tensor, no shared file
             keys=[key for _, _, key in chosen],
             errors=counts,
             messages=messages,
@@ -133,7 +155,11 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         elif self.cfg.decode == "gpu":
             batch["encoded"] = [clip for clip, _, _ in chosen]
         elif self.cut_on_device:
-            batch["decoded"] = [clip for clip, _, _ in chosen]
+            if placed is not None:  # only where the frames lie crosses the process boundary
+                batch["placed"] = placed
+                batch["decoded"] = [dict(view=clip["view"]) for clip, _, _ in chosen]
+            else:
+                batch["decoded"] = [clip for clip, _, _ in chosen]
         elif chosen:
             batch["clips"] = torch.stack([clip for clip, _, _ in chosen])
         else:
@@ -141,6 +167,74 @@ class _LaneDataset(torch.utils.data.IterableDataset):
             views = (self.sampling.views,) if self.sampling.views > 1 else ()
             batch["clips"] = torch.empty((0, *views, self.sampling.frames, 3, size, size), dtype=torch.uint8)
         return batch
+
+
+    def _place_frames(self, frames: list[torch.Tensor], events: DataEvents) -> dict[str, Any] | None:
+        if self.frame_slots is None or not frames:
+            return None
+        placed = self.frame_slots.place(self.worker, self.slotted, frames)
+        if placed is None:
+            events.count("frame_slot_misses")
+        else:
+            self.slotted += 1
+        return placed
+
+
+class FrameSlots:
+    """Shared memory that loader workers write their batches of whole frames into
+    (``data.resize_on: device``): each worker has ``slots`` regions of ``slot_bytes``, used in
+    turn; a batch carries only where its frames lie, and the training process, once it has cut
+    them (on the device), marks the batch released, which frees its region for the worker's
+    batch ``slots`` later.
+
+    Why not let the DataLoader send the frames: it copies each tensor a worker sends into a
+    fresh shared-memory file, first touched page by page, and passes each file's descriptor
+    through a socket. For a 16-frame 427x240 clip (4.9 MB) that cost the worker more than
+    decoding it (one worker sent 141-157 clips/s where the same process decodes 223-230,
+    ``launch/bench_loader.py``), and the training process a descriptor, a mapping and its page
+    faults a clip. Here the memory is allocated once an epoch and each page faulted once.
+
+    A worker whose region is still in use (it never is with ``slots`` = prefetch + 2: a
+    worker has at most ``data.prefetch_batches`` batches requested, and the training process
+    cuts one at a time), or whose batch does not fit, sends that batch the DataLoader's way
+    and counts a ``frame_slot_misses``.
+    """
+
+    def __init__(self, workers: int, slots: int, slot_bytes: int) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
+        # one storage for all workers: one file descriptor goes to each worker with the dataset.
+        # torch's own constructor of a fresh shared storage: share_memory_() would first copy a
+        # private one, touching all of it in the training process
+        storage = torch.UntypedStorage._new_shared(workers * slots * slot_bytes)
+        self.memory = torch.empty(0, dtype=torch.uint8).set_(storage)
+        # per worker, how many of its slotted batches the training process has released
+        self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
+
+    def place(self, worker: int, number: int, frames: list[torch.Tensor]) -> dict[str, Any] | None:
+        """In a worker: copy the frames of its slotted batch ``number`` (each ``[N, 3, H, W]``
+        uint8, channels-last as decoded) into its next region; None if that is still in use or
+        too small."""
+        if int(self.released[worker]) < number - self.slots + 1 or sum(f.numel() for f in frames) > self.slot_bytes:
+            return None
+        start = (worker * self.slots + number % self.slots) * self.slot_bytes
+        layout = []
+        for clip in frames:
+            pixels = clip.permute(0, 2, 3, 1)  # [N, H, W, 3]: the decoder's layout, so the copy is one memcpy
+            self.memory[start : start + pixels.numel()].view(pixels.shape).copy_(pixels)
+            layout.append((start, tuple(pixels.shape)))
+            start += pixels.numel()
+        return dict(worker=worker, number=number, layout=layout)
+
+    def frames(self, placed: dict[str, Any]) -> list[torch.Tensor]:
+        """In the training process: the frames of a placed batch, views of the shared memory
+        (valid until :meth:`release`)."""
+        return [self.memory[start : start + math.prod(shape)].view(shape).permute(0, 3, 1, 2)
+                for start, shape in placed["layout"]]
+
+    def release(self, placed: dict[str, Any]) -> None:
+        """In the training process, once the batch's frames have been used (a worker's batches
+        arrive in order)."""
+        self.released[placed["worker"]] = placed["number"] + 1
 
 
 def _round_robin(streams: list[Iterator[dict[str, Any]]], lanes: int, skip: int) -> Iterator[dict[str, Any]]:
@@ -161,7 +255,10 @@ class Loader:
     shards ``dict(semantic=float32 [B, T, Ds], motion=float32 [B, T', Dm], labels, keys)``.
 
     :attr:`stats` counts skipped samples and shards, retries and refills seen so far (the
-    workers report them with each batch); log it, it is the only trace of bad data.
+    workers report them with each batch); log it, it is the only trace of bad data. With
+    workers it also sums their CPU time (``worker_cpu_us``, all threads, the hand-over of
+    batches included) and counts batches of whole frames that did not fit their
+    :class:`FrameSlots` region (``frame_slot_misses``).
     """
 
     def __init__(self, dataset: _LaneDataset, cfg: DataConfig, num_batches: int, device: str | torch.device | None) -> None:
@@ -174,6 +271,16 @@ class Loader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.cfg.num_workers
+        slot_bytes = self.dataset.frame_slot_bytes() if workers and self.dataset.cut_on_device else None
+        slots = FrameSlots(workers, self.cfg.prefetch_batches + 2, slot_bytes) if slot_bytes else None
+        self.dataset.frame_slots = slots  # the workers get it with the dataset, as they start
+        try:
+            yield from self._batches(slots)
+        finally:
+            self.dataset.frame_slots = None
+
+    def _batches(self, slots: FrameSlots | None) -> Iterator[dict[str, Any]]:
         workers = self.cfg.num_workers
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -192,14 +299,21 @@ class Loader:
             if "fatal" in batch:
                 kind, message = batch["fatal"]
                 raise (storage.StorageAccessError if kind == "StorageAccessError" else storage.StorageUnavailable)(message)
+            batch["labels"] = torch.tensor(batch["labels"], dtype=torch.int64)
             if "encoded" in batch:
                 batch = self._decode_on_device(batch)
             elif "decoded" in batch:
                 decoded = batch.pop("decoded")
+                placed = batch.pop("placed", None)
+                if placed is not None:
+                    decoded = [dict(clip, frames=frames) for clip, frames in zip(decoded, slots.frames(placed))]
                 device = self.device or torch.device("cpu")
                 size, steps = self.cfg.crop_size, self.dataset.sampling.frames
+                # from pageable memory a copy to a GPU has read its source when it returns
                 batch["clips"] = (cut_on_device(decoded, size, device) if decoded
                                   else torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device))
+                if placed is not None:
+                    slots.release(placed)
             yield batch
 
     def _decode_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
