@@ -455,43 +455,58 @@ def test_cropping_on_the_device_gives_the_workers_pixels(even_shards, workers, n
 
 
 @pytest.mark.parametrize("room", ["enough", "none"])
-def test_workers_send_whole_frames_through_shared_slots(even_shards, room, monkeypatch, no_hang):
-    """``data.resize_on: device`` with workers: the frames cross to the training process through
-    :class:`FrameSlots`, a few regions each worker reuses in turn (here 3 for 6 batches a worker,
-    so each region is reused), and every batch is still exactly what the workers would cut.
-    Without room for a batch, it goes the DataLoader's way and is counted."""
+def test_workers_send_batches_through_shared_slots(even_shards, room, monkeypatch, no_hang):
+    """With workers, a batch's pixels (cut clips, or with ``data.resize_on: device`` whole
+    frames) cross to the training process through :class:`FrameSlots`, a few regions each
+    worker reuses in turn (here 3 for 6 batches a worker, so each region is reused), and every
+    batch is still exactly what one process makes of the same lanes. Without room for a batch,
+    it goes the DataLoader's way and is counted."""
     shardset, _ = even_shards
     released = []
     monkeypatch.setattr(FrameSlots, "release", lambda self, placed, real=FrameSlots.release: (
         released.append((placed["worker"], placed["number"])), real(self, placed)))
     if room == "none":
         monkeypatch.setattr(_LaneDataset, "frame_slot_bytes", lambda self: 1)
-    made = {}
+    args = dict(batch_size=2, rank=0, world_size=1, epoch=0, seed=3)
+    made, misses = {}, {}
     for where in ("worker", "device"):
         cfg = DataConfig(num_workers=2, crop_size=16, shuffle_window=3, flip=True, resize_on=where, prefetch_batches=1)
-        loader = train_loader(cfg, shardset, batch_size=2, rank=0, world_size=1, epoch=0, seed=3)
+        loader = train_loader(cfg, shardset, **args)
         made[where] = [(b["keys"], b["clips"]) for b in loader]
-        misses = loader.stats.get("frame_slot_misses", 0)
-    assert len(made["device"]) == len(made["worker"]) == 12
-    for (keys, clips), (keys_w, clips_w) in zip(made["device"], made["worker"]):
-        assert keys == keys_w and torch.equal(clips, clips_w)
+        misses[where] = loader.stats.get("frame_slot_misses", 0)
+    # the same two lanes in this process, no slots, no hand-over
+    cfg = DataConfig(num_workers=2, crop_size=16, shuffle_window=3, flip=True, prefetch_batches=1)
+    reference = [(b["keys"], b["clips"]) for b in train_loader(cfg, shardset, **args).dataset]
+    assert len(reference) == 12
+    for where in ("worker", "device"):
+        assert [keys for keys, _ in made[where]] == [keys for keys, _ in reference]
+        assert all(torch.equal(clips, clips_r) for (_, clips), (_, clips_r) in zip(made[where], reference))
+    batches = [(worker, number) for worker in (0, 1) for number in range(6)]
     if room == "enough":
-        assert misses == 0 and sorted(released) == [(worker, number) for worker in (0, 1) for number in range(6)]
+        assert misses == {"worker": 0, "device": 0} and sorted(released) == sorted(batches * 2)
     else:
-        assert misses == 12 and released == []
+        assert misses == {"worker": 12, "device": 12} and released == []
 
 
 def test_a_frame_slot_in_use_is_not_written():
     """A worker's region is written again only once the training process released the batch
-    that used it: until then :meth:`FrameSlots.place` refuses (the batch goes the other way)."""
+    that used it: until then placing refuses (the batch goes the other way)."""
     slots = FrameSlots(workers=2, slots=2, slot_bytes=2 * 3 * 4 * 5)
     frames = [torch.arange(2 * 4 * 5 * 3, dtype=torch.uint8).view(2, 4, 5, 3).permute(0, 3, 1, 2)]
-    first, second = (slots.place(1, number, frames) for number in (0, 1))
-    assert first is not None and second is not None and slots.place(0, 0, frames) is not None
+    first, second = (slots.place_frames(1, number, frames) for number in (0, 1))
+    assert first is not None and second is not None and slots.place_frames(0, 0, frames) is not None
     assert torch.equal(slots.frames(first)[0], frames[0]) and slots.frames(first)[0].shape == (2, 3, 4, 5)
-    assert slots.place(1, 2, frames) is None  # batch 0's region: still in use
+    assert slots.place_frames(1, 2, frames) is None  # batch 0's region: still in use
     slots.release(first)
-    third = slots.place(1, 2, [frames[0].flip(0)])
+    third = slots.place_frames(1, 2, [frames[0].flip(0)])
     assert third is not None and third["layout"] == first["layout"]
     assert torch.equal(slots.frames(third)[0], frames[0].flip(0)) and torch.equal(slots.frames(second)[0], frames[0])
-    assert slots.place(1, 3, frames * 2) is None  # two clips do not fit one region
+    assert slots.place_frames(1, 3, frames * 2) is None  # two clips do not fit one region
+    # a batch of cut clips: stacked into the region, copied out, the region released
+    clips = [torch.full((1, 3, 2, 2), value, dtype=torch.uint8) for value in (7, 9)]
+    assert slots.place_batch(1, 3, clips) is None  # batch 1's region: still in use
+    slots.release(second)
+    placed = slots.place_batch(1, 3, clips)
+    batch = slots.take_batch(placed, pin=False)
+    assert torch.equal(batch, torch.stack(clips)) and int(slots.released[1]) == 4
+    assert slots.place_batch(0, 1, clips * 6) is None  # 144 bytes: more than a region

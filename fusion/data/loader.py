@@ -42,13 +42,19 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         # data.resize_on: device: workers decode the chosen frames and the Loader cuts the batch
         self.cut_on_device = (cfg.decode == "cpu" and cfg.resize_on == "device" and sampling.views == 1
                               and not shardset.is_features)
-        self.frame_slots: FrameSlots | None = None  # set by the Loader for its workers' batches of whole frames
+        self.frame_slots: FrameSlots | None = None  # set by the Loader for its workers' batches of pixels
         self.worker, self.slotted = 0, 0  # this process's worker id; its batches sent through the slots
 
     def frame_slot_bytes(self) -> int | None:
-        """Room for one batch of whole frames, for :class:`FrameSlots`: ``T`` frames a clip of the
-        manifest's short side by up to twice that (SSv2's are under 2:1); None without a short
-        side. A batch of wider frames goes the DataLoader's own way."""
+        """Room for one batch's pixels in :class:`FrameSlots`, None where batches carry none
+        (features, ``decode: gpu``). Cut clips: exactly a full batch. Whole frames (``resize_on:
+        device``): ``T`` frames a clip of the manifest's short side by up to twice that (SSv2's
+        are under 2:1), None without a short side; a batch of wider frames goes the
+        DataLoader's own way."""
+        if self.shardset.is_features or self.cfg.decode != "cpu":
+            return None
+        if not self.cut_on_device:
+            return self.batch_size * self.sampling.views * self.sampling.frames * 3 * self.cfg.crop_size ** 2
         short = self.shardset.manifest.get("short_side")
         if not isinstance(short, int) or short <= 0:
             return None
@@ -135,7 +141,7 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         return clip, label, key
 
     def _collate(self, chosen: list[tuple[Any, int, str]], events: DataEvents) -> dict[str, Any]:
-        placed = self._place_frames([clip["frames"] for clip, _, _ in chosen], events) if self.cut_on_device else None
+        placed = self._place([clip for clip, _, _ in chosen], events)
         if self.cpu_mark is not None:
             now = time.process_time()  # all of this process's threads: the DataLoader's feeder's pickling too
             events.count("worker_cpu_us", round((now - self.cpu_mark) * 1e6))
@@ -160,6 +166,8 @@ class _LaneDataset(torch.utils.data.IterableDataset):
                 batch["decoded"] = [dict(view=clip["view"]) for clip, _, _ in chosen]
             else:
                 batch["decoded"] = [clip for clip, _, _ in chosen]
+        elif placed is not None:
+            batch["placed"] = placed
         elif chosen:
             batch["clips"] = torch.stack([clip for clip, _, _ in chosen])
         else:
@@ -169,10 +177,15 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         return batch
 
 
-    def _place_frames(self, frames: list[torch.Tensor], events: DataEvents) -> dict[str, Any] | None:
-        if self.frame_slots is None or not frames:
+    def _place(self, clips: list[Any], events: DataEvents) -> dict[str, Any] | None:
+        """The batch's pixels written to this worker's next :class:`FrameSlots` region: where
+        they lie, or None (no slots, an empty batch, or no room: counted)."""
+        if self.frame_slots is None or not clips:
             return None
-        placed = self.frame_slots.place(self.worker, self.slotted, frames)
+        if self.cut_on_device:
+            placed = self.frame_slots.place_frames(self.worker, self.slotted, [clip["frames"] for clip in clips])
+        else:
+            placed = self.frame_slots.place_batch(self.worker, self.slotted, clips)
         if placed is None:
             events.count("frame_slot_misses")
         else:
@@ -181,23 +194,24 @@ class _LaneDataset(torch.utils.data.IterableDataset):
 
 
 class FrameSlots:
-    """Shared memory that loader workers write their batches of whole frames into
-    (``data.resize_on: device``): each worker has ``slots`` regions of ``slot_bytes``, used in
-    turn; a batch carries only where its frames lie, and the training process, once it has cut
-    them (on the device), marks the batch released, which frees its region for the worker's
-    batch ``slots`` later.
+    """Shared memory that loader workers write their batches' pixels into: each worker has
+    ``slots`` regions of ``slot_bytes``, used in turn; a batch carries only where its pixels
+    lie, and the training process, once it has used them, marks the batch released, which
+    frees its region for the worker's batch ``slots`` later. Used: whole frames
+    (``data.resize_on: device``: the training process cuts them on the device from there) and
+    cut clips (copied out at once: into pinned memory where CUDA is, as the DataLoader's
+    ``pin_memory`` would, else into the batch's own tensor).
 
-    Why not let the DataLoader send the frames: it copies each tensor a worker sends into a
-    fresh shared-memory file, first touched page by page, and passes each file's descriptor
-    through a socket. For a 16-frame 427x240 clip (4.9 MB) that cost the worker more than
-    decoding it (one worker sent 141-157 clips/s where the same process decodes 223-230,
-    ``launch/bench_loader.py``), and the training process a descriptor, a mapping and its page
-    faults a clip. Here the memory is allocated once an epoch and each page faulted once.
+    Why not let the DataLoader send the tensors: it copies each into a fresh shared-memory
+    file, first touched page by page, and passes each file's descriptor through a socket. For
+    a 16-frame 427x240 clip (4.9 MB of frames) that cost one worker more than decoding it:
+    ``launch/bench_loader.py``, one worker, 9.8 ms of CPU a clip against 4.5 ms in one process;
+    6.1 ms with the slots. Here the memory is allocated once an epoch and each page faulted once.
 
     A worker whose region is still in use (it never is with ``slots`` = prefetch + 2: a
     worker has at most ``data.prefetch_batches`` batches requested, and the training process
-    cuts one at a time), or whose batch does not fit, sends that batch the DataLoader's way
-    and counts a ``frame_slot_misses``.
+    releases each before it asks for the next), or whose batch does not fit, sends that batch
+    the DataLoader's way and counts a ``frame_slot_misses``.
     """
 
     def __init__(self, workers: int, slots: int, slot_bytes: int) -> None:
@@ -210,13 +224,19 @@ class FrameSlots:
         # per worker, how many of its slotted batches the training process has released
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
 
-    def place(self, worker: int, number: int, frames: list[torch.Tensor]) -> dict[str, Any] | None:
+    def _region(self, worker: int, number: int, size: int) -> int | None:
+        """Where the worker's slotted batch ``number`` starts, if its region is free and fits ``size`` bytes."""
+        if int(self.released[worker]) < number - self.slots + 1 or size > self.slot_bytes:
+            return None
+        return (worker * self.slots + number % self.slots) * self.slot_bytes
+
+    def place_frames(self, worker: int, number: int, frames: list[torch.Tensor]) -> dict[str, Any] | None:
         """In a worker: copy the frames of its slotted batch ``number`` (each ``[N, 3, H, W]``
         uint8, channels-last as decoded) into its next region; None if that is still in use or
         too small."""
-        if int(self.released[worker]) < number - self.slots + 1 or sum(f.numel() for f in frames) > self.slot_bytes:
+        start = self._region(worker, number, sum(f.numel() for f in frames))
+        if start is None:
             return None
-        start = (worker * self.slots + number % self.slots) * self.slot_bytes
         layout = []
         for clip in frames:
             pixels = clip.permute(0, 2, 3, 1)  # [N, H, W, 3]: the decoder's layout, so the copy is one memcpy
@@ -224,6 +244,25 @@ class FrameSlots:
             layout.append((start, tuple(pixels.shape)))
             start += pixels.numel()
         return dict(worker=worker, number=number, layout=layout)
+
+    def place_batch(self, worker: int, number: int, clips: list[torch.Tensor]) -> dict[str, Any] | None:
+        """In a worker: stack equal-shaped ``clips`` into its next region (the stack that would
+        make the batch, written there); None if that is still in use or too small."""
+        shape = (len(clips), *clips[0].shape)
+        start = self._region(worker, number, math.prod(shape))
+        if start is None:
+            return None
+        torch.stack(clips, out=self.memory[start : start + math.prod(shape)].view(shape))
+        return dict(worker=worker, number=number, layout=[(start, shape)])
+
+    def take_batch(self, placed: dict[str, Any], pin: bool) -> torch.Tensor:
+        """In the training process: a placed batch of clips, copied out (into pinned memory
+        with ``pin``), its region released."""
+        (start, shape), = placed["layout"]
+        batch = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        batch.copy_(self.memory[start : start + math.prod(shape)].view(shape))
+        self.release(placed)
+        return batch
 
     def frames(self, placed: dict[str, Any]) -> list[torch.Tensor]:
         """In the training process: the frames of a placed batch, views of the shared memory
@@ -272,7 +311,7 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers = self.cfg.num_workers
-        slot_bytes = self.dataset.frame_slot_bytes() if workers and self.dataset.cut_on_device else None
+        slot_bytes = self.dataset.frame_slot_bytes() if workers else None
         slots = FrameSlots(workers, self.cfg.prefetch_batches + 2, slot_bytes) if slot_bytes else None
         self.dataset.frame_slots = slots  # the workers get it with the dataset, as they start
         try:
@@ -282,11 +321,12 @@ class Loader:
 
     def _batches(self, slots: FrameSlots | None) -> Iterator[dict[str, Any]]:
         workers = self.cfg.num_workers
+        pinned = torch.cuda.is_available() and self.cfg.decode == "cpu"
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=None,
             num_workers=workers,
-            pin_memory=torch.cuda.is_available() and self.cfg.decode == "cpu",
+            pin_memory=pinned,
             prefetch_factor=self.cfg.prefetch_batches if workers else None,
             in_order=True,
             worker_init_fn=functools.partial(init_worker, dict(os.environ)),
@@ -300,11 +340,11 @@ class Loader:
                 kind, message = batch["fatal"]
                 raise (storage.StorageAccessError if kind == "StorageAccessError" else storage.StorageUnavailable)(message)
             batch["labels"] = torch.tensor(batch["labels"], dtype=torch.int64)
+            placed = batch.pop("placed", None)
             if "encoded" in batch:
                 batch = self._decode_on_device(batch)
             elif "decoded" in batch:
                 decoded = batch.pop("decoded")
-                placed = batch.pop("placed", None)
                 if placed is not None:
                     decoded = [dict(clip, frames=frames) for clip, frames in zip(decoded, slots.frames(placed))]
                 device = self.device or torch.device("cpu")
@@ -314,6 +354,8 @@ class Loader:
                                   else torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device))
                 if placed is not None:
                     slots.release(placed)
+            elif placed is not None:
+                batch["clips"] = slots.take_batch(placed, pin=pinned)
             yield batch
 
     def _decode_on_device(self, batch: dict[str, Any]) -> dict[str, Any]:
