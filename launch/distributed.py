@@ -157,6 +157,7 @@ def init_distributed(local_rank_arg: int | None) -> Ranks:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         device = torch.device("cpu")
+        remove_shm_buffer_name(rank)
     else:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
@@ -165,6 +166,24 @@ def init_distributed(local_rank_arg: int | None) -> Ranks:
     # gloo: on NCCL they would need a device tensor and a host sync every micro-batch.
     _control_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return Ranks(rank, world_size, local_rank, local_world_size, device)
+
+
+def remove_shm_buffer_name(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer, once every rank has mapped
+    every rank's buffer.
+
+    Its ``deepspeed_shm_comm`` op (used when all ranks share one machine) puts a 69 MB buffer a
+    rank in /dev/shm and never removes it: every CPU run left its ranks' buffers behind, and
+    this machine's /dev/shm held 204 of them (14 GB) when it was noticed. The op opens the
+    other ranks' buffers inside ``init_distributed``, so after a barrier nobody needs the
+    names: the memory then goes when the last rank exits, however it exits. The name is the
+    op's own (``deepspeed/ops/csrc/cpu/comm/shm.cpp``); where it made none, nothing happens."""
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    try:
+        os.unlink(Path("/dev/shm") / name)
+    except FileNotFoundError:
+        pass
 
 
 def any_rank(flag: bool) -> bool:

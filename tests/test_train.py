@@ -203,10 +203,13 @@ def test_two_ranks_train_from_a_bucket(launcher, s3_server, s3_env, synthetic_sh
     train_url = upload(client, with_one_corrupt_frame(synthetic_shards / "train", tmp_path), s3_env, "ssv2/train")
     val_url = upload(client, synthetic_shards / "validation", s3_env, "ssv2/validation")
     out = tmp_path / "run"
+    shm_buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     # one clip of six is 17 % of an epoch, far over the default data-loss budget of 1 %
     result = train(launcher(2), "--deepspeed", str(small_ds_json(tmp_path)), *SMALL, "--data.train", train_url, "--data.val", val_url,
                    "--train.epochs", "4", "--data.max_skipped_fraction", "0.5", "--out", str(out), env=s3_server.env())
     assert "2 rank(s) on cpu" in result.stdout and "bf16 turned off on CPU" in result.stdout
+    # DeepSpeed's CPU all-reduce buffers (69 MB a rank) are not left in /dev/shm
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_buffers
     rows, val_rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))  # 6 clips / (2 ranks x 1) = 3 steps a epoch
     assert len(val_rows) == 4 and all(r["val_clips"] == 3 for r in val_rows)  # every validation clip once

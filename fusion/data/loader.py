@@ -312,7 +312,13 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         workers = self.cfg.num_workers
         slot_bytes = self.dataset.frame_slot_bytes() if workers else None
-        slots = FrameSlots(workers, self.cfg.prefetch_batches + 2, slot_bytes) if slot_bytes else None
+        regions = self.cfg.prefetch_batches + 2
+        if slot_bytes and not shared_memory_fits(2 * workers * regions * slot_bytes):
+            log.warning("shared memory (/dev/shm) has no room for %d loader workers' batch regions (%.1f GB, twice that "
+                        "asked for): batches go the DataLoader's slower way; give the job more (docker: --shm-size)",
+                        workers, workers * regions * slot_bytes / 1e9)
+            slot_bytes = None
+        slots = FrameSlots(workers, regions, slot_bytes) if slot_bytes else None
         self.dataset.frame_slots = slots  # the workers get it with the dataset, as they start
         try:
             yield from self._batches(slots)
@@ -389,6 +395,16 @@ class Loader:
         batch["labels"] = batch["labels"][keep]
         batch["clips"] = torch.stack(clips) if clips else torch.empty((0, steps, 3, size, size), dtype=torch.uint8, device=device)
         return batch
+
+
+def shared_memory_fits(size: int) -> bool:
+    """Whether /dev/shm has ``size`` bytes free (where there is none to ask, e.g. macOS: True).
+    Its pages are only taken when first written: a full one kills the writer with SIGBUS."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except OSError:
+        return True
+    return stats.f_bavail * stats.f_frsize >= size
 
 
 @functools.lru_cache(maxsize=1)
