@@ -20,6 +20,7 @@ import webdataset as wds
 
 from fusion.config import ConfigError
 from fusion.data import ERROR_KEYS, DataConfig, ShardSet, batches_per_rank, train_loader, val_loader
+from fusion.data import loader as loader_module
 from fusion.data.loader import FrameSlots, _LaneDataset
 from sharding import storage
 from sharding.ssv2 import LEFT_RIGHT_PAIRS, TEMPLATES, flip_label
@@ -454,19 +455,21 @@ def test_cropping_on_the_device_gives_the_workers_pixels(even_shards, workers, n
         assert clips.dtype == torch.uint8 and torch.equal(clips, clips_w)
 
 
-@pytest.mark.parametrize("room", ["enough", "none"])
-def test_workers_send_batches_through_shared_slots(even_shards, room, monkeypatch, no_hang):
+@pytest.mark.parametrize("room", ["enough", "none", "no shared memory"])
+def test_workers_send_batches_through_shared_slots(even_shards, room, monkeypatch, caplog, no_hang):
     """With workers, a batch's pixels (cut clips, or with ``data.resize_on: device`` whole
     frames) cross to the training process through :class:`FrameSlots`, a few regions each
     worker reuses in turn (here 3 for 6 batches a worker, so each region is reused), and every
     batch is still exactly what one process makes of the same lanes. Without room for a batch,
-    it goes the DataLoader's way and is counted."""
+    it goes the DataLoader's way and is counted; without room in /dev/shm, every batch does."""
     shardset, _ = even_shards
     released = []
     monkeypatch.setattr(FrameSlots, "release", lambda self, placed, real=FrameSlots.release: (
         released.append((placed["worker"], placed["number"])), real(self, placed)))
     if room == "none":
         monkeypatch.setattr(_LaneDataset, "frame_slot_bytes", lambda self: 1)
+    if room == "no shared memory":
+        monkeypatch.setattr(loader_module, "shared_memory_fits", lambda size: False)
     args = dict(batch_size=2, rank=0, world_size=1, epoch=0, seed=3)
     made, misses = {}, {}
     for where in ("worker", "device"):
@@ -484,8 +487,11 @@ def test_workers_send_batches_through_shared_slots(even_shards, room, monkeypatc
     batches = [(worker, number) for worker in (0, 1) for number in range(6)]
     if room == "enough":
         assert misses == {"worker": 0, "device": 0} and sorted(released) == sorted(batches * 2)
-    else:
+    elif room == "none":
         assert misses == {"worker": 12, "device": 12} and released == []
+    else:
+        assert misses == {"worker": 0, "device": 0} and released == []
+        assert caplog.text.count("/dev/shm") == 2
 
 
 def test_a_frame_slot_in_use_is_not_written():
