@@ -9,7 +9,12 @@ references measured on the same clips in the same run:
 The loader is timed in its three modes: the crop in the workers (the default), the crop on
 the device (``data.resize_on: device``: a loader process only decodes) and the decode on the
 device (``data.decode: gpu``: a loader process only reads and picks the frames' bytes); for
-the last two, one row times the loader process's own work, without the device's.
+the last two, one row times the loader process's own work, without the device's. With
+``--workers`` above 0, rows of loader workers beside this (training) process time the
+hand-over of batches too: ``cpu ms/clip`` counts every process, ``workers`` their share (as
+they report it, ``worker_cpu_us``). ``resize_on: device`` leaves its crop to the ``meta``
+device (shapes only); ``decode: gpu`` decodes on this CPU, in the training process, so there
+only the workers' share stands for a GPU node.
 
     python -m launch.bench_loader [--shards DIR] [--videos DIR] [--clips N] [--workers 0,2] [--rounds 5]
 
@@ -83,22 +88,23 @@ def read_samples(shardset: ShardSet, limit: int) -> list[dict]:
     return samples
 
 
-def time_floor(samples: list[dict], frames: int) -> tuple[float, float]:
+def time_floor(samples: list[dict], frames: int) -> tuple[float, float, None]:
     """Clips/s decoding only the JPEG frames, one thread, and CPU ms a clip."""
     names = [f"{t:03d}.jpg" for t in range(frames)]
     start, cpu = time.perf_counter(), time.process_time()
     for sample in samples:
         for name in names:
             simplejpeg.decode_jpeg(sample[name], colorspace="RGB")
-    return len(samples) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(samples)
+    return len(samples) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(samples), None
 
 
 def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int, resize_on: str = "worker",
                 worker_side: bool = False, frames: int = 0, decode: str = "cpu", device: str | None = None
-                ) -> tuple[float, float]:
+                ) -> tuple[float, float, float | None]:
     """Clips/s through train_loader (one rank), counted from the first batch to the last so
-    that worker start-up is not charged to the steady state, and the CPU ms a clip of all its
-    processes over that span (this one's, and what the workers report, ``worker_cpu_us``). ``worker_side``: the loader's
+    that worker start-up is not charged to the steady state, the CPU ms a clip of all its
+    processes over that span (this one's, and what the workers report, ``worker_cpu_us``), and
+    of it the workers' (None without workers). ``worker_side``: the loader's
     per-process work alone (its dataset iterated in this process: read, decode, batch), without
     what the training process then does with the batch (the device crop of ``resize_on: device``,
     the device decode of ``decode: gpu``). ``device="meta"`` with ``resize_on: device``: the
@@ -117,11 +123,12 @@ def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: in
             seen += len(batch["keys"])
         if seen >= clips:
             break
-    cpu = time.process_time() - cpu + (loader.stats["worker_cpu_us"] - worker_cpu) / 1e6
-    return seen / (time.perf_counter() - start), cpu * 1e3 / seen
+    worker_cpu = (loader.stats["worker_cpu_us"] - worker_cpu) / 1e6
+    cpu = time.process_time() - cpu + worker_cpu
+    return seen / (time.perf_counter() - start), cpu * 1e3 / seen, worker_cpu * 1e3 / seen if workers and not worker_side else None
 
 
-def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> tuple[float, float]:
+def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> tuple[float, float, None]:
     """Clips/s decoding the source videos and sampling T frames, one thread, and CPU ms a clip."""
     paths = [next(iter(videos.glob(f"{key}.*")), None) for key in keys]
     paths = [p for p in paths if p is not None]
@@ -130,7 +137,7 @@ def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> t
     start, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         decode_sampled(path, frames, short_side)
-    return len(paths) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(paths)
+    return len(paths) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(paths), None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # every path as a thunk, timed in turn each round: a slow spell of the machine then
         # falls on all paths alike, and the median of the rounds is what is printed
-        paths: list[tuple[str, int, Callable[[], tuple[float, float]]]] = [
+        paths: list[tuple[str, int, Callable[[], tuple[float, float, float | None]]]] = [
             ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(samples, frames))]
         for workers in (int(w) for w in args.workers.split(",")):
             paths.append((f"train_loader, {workers} workers, crop {args.crop_size}", max(1, workers),
@@ -169,6 +176,12 @@ def main(argv: list[str] | None = None) -> None:
                                             frames=args.frames, resize_on="device", device="meta")))
         # data.decode: gpu: the loader process only reads and picks the chosen frames' bytes
         paths.append(("loader process, decode gpu (bytes only)", 1, functools.partial(timed, worker_side=True, decode="gpu")))
+        # the same from workers: this CPU then decodes in the training process (the GPU's work),
+        # so only the workers' share of the CPU says what a GPU node's loader costs
+        for workers in (int(w) for w in args.workers.split(",") if int(w) > 0):
+            paths.append((f"{workers} workers -> trainer, decode gpu (here: cpu)", workers,
+                          functools.partial(time_loader, shardset, workers, args.batch_size, args.crop_size, clips,
+                                            frames=args.frames, decode="gpu", device="cpu")))
         videos = Path(args.videos or manifest_args.get("videos", ""))
         if videos.is_dir():
             keys, short_side = [s["__key__"] for s in samples], int(shardset.manifest.get("short_side", 240))
@@ -178,21 +191,26 @@ def main(argv: list[str] | None = None) -> None:
             print(f"(no source videos at '{videos}': naive path not timed; pass --videos)")
         rates: dict[str, list[float]] = {name: [] for name, _, _ in paths}
         cpu: dict[str, list[float]] = {name: [] for name, _, _ in paths}
+        worker_cpu: dict[str, list[float]] = {name: [] for name, _, _ in paths}
         for _ in tqdm(range(args.rounds), desc="rounds", unit="round", disable=args.rounds == 1):
             for name, _, measure in paths:
-                rate, cpu_ms = measure()
+                rate, cpu_ms, worker_ms = measure()
                 rates[name].append(rate)
                 cpu[name].append(cpu_ms)
-        rows = [(name, statistics.median(rates[name]), cores, statistics.median(cpu[name])) for name, cores, _ in paths]
+                if worker_ms is not None:
+                    worker_cpu[name].append(worker_ms)
+        rows = [(name, statistics.median(rates[name]), cores, statistics.median(cpu[name]),
+                 statistics.median(worker_cpu[name]) if worker_cpu[name] else None) for name, cores, _ in paths]
         floor = rows[0][1]
 
         spread = args.rounds > 1
-        # cpu ms/clip: every process of the path (the workers' own count, their hand-over included)
+        # cpu ms/clip: every process of the path; workers': their own count, their hand-over included
         print(f"{'path':<48} {'clips/s':>9} {'cores':>6} {'clips/s/core':>13} {'vs floor':>9} {'cpu ms/clip':>12}"
-              + (f"  {'rounds (vs floor)':>17}" if spread else ""))
-        for name, rate, cores, cpu_ms in rows:
+              f" {'workers':>8}" + (f"  {'rounds (vs floor)':>17}" if spread else ""))
+        for name, rate, cores, cpu_ms, worker_ms in rows:
             per_core = rate / cores
-            line = f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x {cpu_ms:12.2f}"
+            line = (f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x {cpu_ms:12.2f}"
+                    f" {'-' if worker_ms is None else f'{worker_ms:.2f}':>8}")
             if spread:  # each round's ratio to that round's floor
                 ratios = [r / cores / f for r, f in zip(rates[name], rates[rows[0][0]])]
                 line += f"  {min(ratios):8.2f}-{max(ratios):.2f}x"

@@ -895,20 +895,22 @@ def collect_clips(cfg, shardset, device: torch.device | None) -> tuple[torch.Ten
 
 def timed_clips(loader, warmup: int, device: torch.device | None, budget: Budget, max_s: float) -> tuple[int, float]:
     """(clips, seconds) a loader delivers after its first ``warmup`` batches (start-up: every
-    worker's first batch), for at most ``max_s``."""
-    seen, start, index = 0, None, 0
+    worker's first batch), for at most ``max_s``; the workers' CPU over the same batches goes
+    to ``loader.stats["timed_worker_cpu_us"]``."""
+    seen, start, index, worker_cpu = 0, None, 0, 0
     stream = iter(loader)
     try:
         for batch in stream:
             index += 1
             if index <= warmup:
-                start = time.perf_counter()
+                start, worker_cpu = time.perf_counter(), loader.stats["worker_cpu_us"]
                 continue
             seen += len(batch["keys"])
             if time.perf_counter() - start > min(max_s, budget.left()):
                 break
     finally:
         stream.close()
+    loader.stats["timed_worker_cpu_us"] = loader.stats["worker_cpu_us"] - worker_cpu
     if device is not None:
         synchronize(device)
     return seen, time.perf_counter() - start if start else float("nan")
@@ -1142,8 +1144,13 @@ def loader_row(cfg, shardset, batch: int, workers: int, device: torch.device | N
     loader = train_loader(dataclasses.replace(cfg, num_workers=workers), shardset, batch_size=batch, rank=0, world_size=1,
                           epoch=0, seed=0, device=device)
     seen, elapsed = timed_clips(loader, max(1, workers), device, budget, seconds)
-    return {"workers": workers, "resize_on": cfg.resize_on, "clips_per_s": seen / elapsed if seen else None, "clips": seen,
-            "seconds": elapsed}
+    # the workers' CPU a clip, their hand-over of batches included, and batches whose pixels did
+    # not fit the shared regions they hand batches over in (fusion.data.loader.FrameSlots)
+    row = {"workers": workers, "resize_on": cfg.resize_on, "clips_per_s": seen / elapsed if seen else None, "clips": seen,
+           "seconds": elapsed, "frame_slot_misses": loader.stats["frame_slot_misses"]}
+    if seen and workers:
+        row["worker_cpu_ms_per_clip"] = loader.stats["timed_worker_cpu_us"] / 1e3 / seen
+    return row
 
 
 def section_loader(ctx: Context, r: dict[str, Any], budget: Budget) -> None:
@@ -1545,9 +1552,11 @@ def summary(report: dict[str, Any]) -> str:
     if ld.get("rows"):
         lines += ["## Loader (CPU decode) against the model", ""]
         crop = ld.get("device_crop") or {}
-        rows = [[row["workers"], "worker", row.get("clips_per_s")] for row in ld["rows"]]
-        rows += [[row["workers"], f"device ({crop.get('device')})", row.get("clips_per_s")] for row in crop.get("rows", [])]
-        lines += table(["workers", "crop and resize on", "clips/s"], rows) + [""]
+        rows = [[row["workers"], "worker", row.get("clips_per_s"), row.get("worker_cpu_ms_per_clip"), row.get("frame_slot_misses")]
+                for row in ld["rows"]]
+        rows += [[row["workers"], f"device ({crop.get('device')})", row.get("clips_per_s"), row.get("worker_cpu_ms_per_clip"),
+                  row.get("frame_slot_misses")] for row in crop.get("rows", [])]
+        lines += table(["workers", "crop and resize on", "clips/s", "worker CPU ms/clip", "slot misses"], rows) + [""]
         if "pixels_max_abs_difference" in crop:
             lines += [f"data.resize_on device against the workers' crops of the same batch: same keys "
                       f"{fmt(crop.get('same_keys'))}, pixels max abs difference {crop['pixels_max_abs_difference']}, mean "

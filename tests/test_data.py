@@ -411,6 +411,9 @@ def test_bytes_only_path_decodes_the_same_clips(even_shards, no_hang):
     for a, b in zip(cpu, raw):
         assert torch.equal(a["labels"], b["labels"])
         assert (a["clips"].int() - b["clips"].int()).abs().max() <= 2
+    # what a worker sends holds plain bytes: a tensor would cross as a shared-memory file of its own
+    sent = next(iter(train_loader(DataConfig(num_workers=2, crop_size=16, decode="gpu"), shardset, **args).dataset))
+    assert {type(jpeg) for clip in sent["encoded"] for jpeg in clip["jpegs"]} == {bytes}
 
 
 def test_bytes_only_path_skips_and_counts_a_clip_that_does_not_decode(damaged_shards, no_hang):

@@ -180,6 +180,10 @@ def test_loader_against_the_model(smoke):
     assert crop["same_keys"] and crop["clips_on"] == "cpu" and crop["pixels_max_abs_difference"] == 0
     assert crop["rows"] and all(row["resize_on"] == "device" and row["clips_per_s"] > 0 for row in crop["rows"])
     assert loader["verdicts"]["today_at_micro_batch"]["cpu_cores_per_gpu_device_crop"] >= 1
+    # rows with workers: their CPU a clip, and every batch handed over through the shared regions
+    with_workers = [row for row in loader["rows"] + crop["rows"] if row["workers"]]
+    assert with_workers and all(row["worker_cpu_ms_per_clip"] > 0 and row["frame_slot_misses"] == 0 for row in with_workers)
+    assert "worker CPU ms/clip" in (smoke[1] / "gpu_check.md").read_text()
 
 
 @pytest.mark.slow

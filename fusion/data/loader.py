@@ -176,7 +176,6 @@ class _LaneDataset(torch.utils.data.IterableDataset):
             batch["clips"] = torch.empty((0, *views, self.sampling.frames, 3, size, size), dtype=torch.uint8)
         return batch
 
-
     def _place(self, clips: list[Any], events: DataEvents) -> dict[str, Any] | None:
         """The batch's pixels written to this worker's next :class:`FrameSlots` region: where
         they lie, or None (no slots, an empty batch, or no room: counted)."""
@@ -206,7 +205,10 @@ class FrameSlots:
     file, first touched page by page, and passes each file's descriptor through a socket. For
     a 16-frame 427x240 clip (4.9 MB of frames) that cost one worker more than decoding it:
     ``launch/bench_loader.py``, one worker, 9.8 ms of CPU a clip against 4.5 ms in one process;
-    6.1 ms with the slots. Here the memory is allocated once an epoch and each page faulted once.
+    5.7 ms with the slots. Here the memory is allocated once an epoch and each page faulted once.
+
+    On a GPU the device crop copies the frames from this pageable memory (synchronously: the
+    region may be released when the copy returns); the clips are copied out into pinned memory.
 
     A worker whose region is still in use (it never is with ``slots`` = prefetch + 2: a
     worker has at most ``data.prefetch_batches`` batches requested, and the training process
@@ -296,8 +298,8 @@ class Loader:
     :attr:`stats` counts skipped samples and shards, retries and refills seen so far (the
     workers report them with each batch); log it, it is the only trace of bad data. With
     workers it also sums their CPU time (``worker_cpu_us``, all threads, the hand-over of
-    batches included) and counts batches of whole frames that did not fit their
-    :class:`FrameSlots` region (``frame_slot_misses``).
+    batches included) and counts batches whose pixels did not fit their :class:`FrameSlots`
+    region (``frame_slot_misses``).
     """
 
     def __init__(self, dataset: _LaneDataset, cfg: DataConfig, num_batches: int, device: str | torch.device | None) -> None:
