@@ -248,21 +248,35 @@ class FrameSlots:
         return dict(worker=worker, number=number, layout=layout)
 
     def place_batch(self, worker: int, number: int, clips: list[torch.Tensor]) -> dict[str, Any] | None:
-        """In a worker: stack equal-shaped ``clips`` into its next region (the stack that would
-        make the batch, written there); None if that is still in use or too small."""
+        """In a worker: stack equal-shaped ``clips`` (``[..., 3, S, S]``) into its next region;
+        None if that is still in use or too small."""
         shape = (len(clips), *clips[0].shape)
         start = self._region(worker, number, math.prod(shape))
         if start is None:
             return None
-        torch.stack(clips, out=self.memory[start : start + math.prod(shape)].view(shape))
-        return dict(worker=worker, number=number, layout=[(start, shape)])
+        region = self.memory[start : start + math.prod(shape)]
+        # as the crop leaves them, channels last: stacked so, each clip is one memcpy, and the
+        # batch has the layout torch.stack gives them; into a plain contiguous batch every pixel
+        # would be transposed (12 against 5 ms a batch of 8 at 224 px)
+        pixels = [clip.movedim(-3, -1) for clip in clips]
+        channels_last = all(clip.is_contiguous() for clip in pixels)
+        if channels_last:
+            torch.stack(pixels, out=region.view(len(clips), *pixels[0].shape))
+        else:
+            torch.stack(clips, out=region.view(shape))
+        return dict(worker=worker, number=number, layout=[(start, shape)], channels_last=channels_last)
 
     def take_batch(self, placed: dict[str, Any], pin: bool) -> torch.Tensor:
-        """In the training process: a placed batch of clips, copied out (into pinned memory
-        with ``pin``), its region released."""
+        """In the training process: a placed batch of clips, copied out in its layout (into
+        pinned memory with ``pin``), its region released."""
         (start, shape), = placed["layout"]
-        batch = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
-        batch.copy_(self.memory[start : start + math.prod(shape)].view(shape))
+        region = self.memory[start : start + math.prod(shape)]
+        if placed["channels_last"]:
+            pixels = region.view(*shape[:-3], *shape[-2:], shape[-3]).movedim(-1, -3)
+        else:
+            pixels = region.view(shape)
+        batch = torch.empty_strided(pixels.shape, pixels.stride(), dtype=torch.uint8, pin_memory=pin)
+        batch.copy_(pixels)
         self.release(placed)
         return batch
 
