@@ -497,6 +497,22 @@ def test_workers_send_batches_through_shared_slots(even_shards, room, monkeypatc
         assert caplog.text.count("/dev/shm") == 2
 
 
+def test_refills_cross_through_the_slots_too(damaged_shards, no_hang):
+    """Lost samples make a lane decode stand-ins, some of which its next batch takes as its own
+    (their frames then lie in the previous batch's region and are copied over); a worker decodes
+    whole frames straight into its shared region: still every batch is the one-process batch."""
+    shardset, _ = damaged_shards
+    args = dict(batch_size=2, rank=0, world_size=1, epoch=0, seed=1)
+    cfg = DataConfig(num_workers=2, crop_size=16, shuffle_window=3, resize_on="device", prefetch_batches=1)
+    loader = train_loader(cfg, shardset, **args)
+    made = [(b["keys"], b["clips"]) for b in loader]
+    reference = [(b["keys"], b["clips"]) for b in train_loader(
+        DataConfig(num_workers=2, crop_size=16, shuffle_window=3, prefetch_batches=1), shardset, **args).dataset]
+    assert [keys for keys, _ in made] == [keys for keys, _ in reference] and len(made) == 8
+    assert all(torch.equal(clips, clips_r) for (_, clips), (_, clips_r) in zip(made, reference))
+    assert loader.stats["refilled_samples"] > 0 and loader.stats["frame_slot_misses"] == 0
+
+
 def test_a_frame_slot_in_use_is_not_written():
     """A worker's region is written again only once the training process released the batch
     that used it: until then placing refuses (the batch goes the other way)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import simplejpeg
@@ -195,7 +195,7 @@ def _cut(frames: torch.Tensor, view: ClipView, size: int) -> torch.Tensor:
 
 def decode_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng: random.Random | None, require_label: bool,
                 limits: FrameLimits = FrameLimits(MAX_FRAME_SIDE, MAX_FRAME_SIDE), multi_view: bool = False,
-                cut: bool = True) -> tuple[Any, int]:
+                cut: bool = True, out: Callable[[tuple[int, ...]], np.ndarray | None] | None = None) -> tuple[Any, int]:
     """One sample -> (uint8 ``[T, 3, S, S]``, label); with ``multi_view``, uint8
     ``[V, T, 3, S, S]``, the views temporal-major. ``rng`` given: training (random frame per
     segment, random resized crop, maybe the flip); None: the views of ``sampling``. Without
@@ -204,6 +204,7 @@ def decode_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng
 
     Raises :class:`CorruptSample`, also for frames beyond ``limits`` (every stored frame's
     header is checked before anything is allocated, whichever frames are then decoded).
+    ``out(shape)``: where to decode the frames (``[N, H, W, 3]`` uint8), or None for a new array.
     """
     label = _label(sample, require_label)
     names = _frame_names(sample, sampling.stored)
@@ -215,7 +216,10 @@ def decode_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng
     needed = sorted({index for pick in picks for index in pick})
     row = {index: position for position, index in enumerate(needed)}
     try:
-        pixels = np.empty((len(needed), height, width, 3), np.uint8)
+        shape = (len(needed), height, width, 3)
+        pixels = out(shape) if out is not None else None
+        if pixels is None:
+            pixels = np.empty(shape, np.uint8)
         for position, index in enumerate(needed):  # decode in place: no per-frame arrays to stack
             frame = simplejpeg.decode_jpeg(sample[names[index]], colorspace="RGB", buffer=pixels[position])
             if frame.shape != (height, width, 3):

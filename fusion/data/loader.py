@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from fusion.config import ConfigError
@@ -44,6 +45,7 @@ class _LaneDataset(torch.utils.data.IterableDataset):
                               and not shardset.is_features)
         self.frame_slots: FrameSlots | None = None  # set by the Loader for its workers' batches of pixels
         self.worker, self.slotted = 0, 0  # this process's worker id; its batches sent through the slots
+        self.arena: list[int] | None = None  # [first free byte, end] of the region the coming batch decodes into
 
     def frame_slot_bytes(self) -> int | None:
         """Room for one batch's pixels in :class:`FrameSlots`, None where batches carry none
@@ -94,6 +96,7 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         for lane_batch in range(first, len(plan.batch_ids)):
             want = self.batch_size if self.fill else min(self.batch_size, plan.num_samples - lane_batch * self.batch_size)
             chosen, index, own = [], 0, 0
+            self._open_arena()
             while len(chosen) < want:
                 if index == len(pending):
                     sample = next(stream, None)
@@ -133,7 +136,8 @@ class _LaneDataset(torch.utils.data.IterableDataset):
                 clip, label = _jpeg_bytes_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits)
             else:
                 clip, label = decode_clip(sample, self.sampling, self.cfg, rng, self.require_label, self.shardset.limits,
-                                          multi_view=self.sampling.views > 1, cut=not self.cut_on_device)
+                                          multi_view=self.sampling.views > 1, cut=not self.cut_on_device,
+                                          out=self._frame_buffer if self.arena is not None else None)
         except (CorruptSample, CorruptFeatures) as error:
             events.count("corrupt_samples")
             events.warn(f"skipping sample {key} of {sample.get('__url__')}: {error}")
@@ -176,15 +180,40 @@ class _LaneDataset(torch.utils.data.IterableDataset):
             batch["clips"] = torch.empty((0, *views, self.sampling.frames, 3, size, size), dtype=torch.uint8)
         return batch
 
+    def _open_arena(self) -> None:
+        """Whole frames (``resize_on: device``) decode straight into the coming batch's region,
+        when it is free: no copy of ~5 MB a clip afterwards."""
+        self.arena = None
+        if self.frame_slots is not None and self.cut_on_device:
+            start = self.frame_slots.region(self.worker, self.slotted, 0)
+            if start is not None:
+                self.arena = [start, start + self.frame_slots.slot_bytes]
+
+    def _frame_buffer(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Room for a clip's decoded frames in the open region (None when it is full)."""
+        start, end = self.arena
+        size = math.prod(shape)
+        if start + size > end:
+            return None
+        self.arena[0] = start + size
+        return self.frame_slots.memory[start : start + size].numpy().reshape(shape)
+
     def _place(self, clips: list[Any], events: DataEvents) -> dict[str, Any] | None:
         """The batch's pixels written to this worker's next :class:`FrameSlots` region: where
         they lie, or None (no slots, an empty batch, or no room: counted)."""
         if self.frame_slots is None or not clips:
             return None
         if self.cut_on_device:
-            placed = self.frame_slots.place_frames(self.worker, self.slotted, [clip["frames"] for clip in clips])
+            frames = [clip["frames"] for clip in clips]
+            placed = self.frame_slots.place_frames(self.worker, self.slotted, frames,
+                                                   free_from=self.arena[0] if self.arena is not None else None)
+            if placed is None:  # frames decoded into shared memory would otherwise cross as references to it
+                for clip in clips:
+                    if self.frame_slots.holds(clip["frames"]):
+                        clip["frames"] = clip["frames"].clone()
         else:
             placed = self.frame_slots.place_batch(self.worker, self.slotted, clips)
+        self.arena = None
         if placed is None:
             events.count("frame_slot_misses")
         else:
@@ -197,9 +226,10 @@ class FrameSlots:
     ``slots`` regions of ``slot_bytes``, used in turn; a batch carries only where its pixels
     lie, and the training process, once it has used them, marks the batch released, which
     frees its region for the worker's batch ``slots`` later. Used: whole frames
-    (``data.resize_on: device``: the training process cuts them on the device from there) and
-    cut clips (copied out at once: into pinned memory where CUDA is, as the DataLoader's
-    ``pin_memory`` would, else into the batch's own tensor).
+    (``data.resize_on: device``: decoded straight into the region of the batch being made; the
+    training process cuts them on the device from there) and cut clips (stacked there; copied
+    out at once: into pinned memory where CUDA is, as the DataLoader's ``pin_memory`` would,
+    else into the batch's own tensor).
 
     Why not let the DataLoader send the tensors: it copies each into a fresh shared-memory
     file, first touched page by page, and passes each file's descriptor through a socket. For
@@ -226,32 +256,46 @@ class FrameSlots:
         # per worker, how many of its slotted batches the training process has released
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()
 
-    def _region(self, worker: int, number: int, size: int) -> int | None:
+    def region(self, worker: int, number: int, size: int) -> int | None:
         """Where the worker's slotted batch ``number`` starts, if its region is free and fits ``size`` bytes."""
         if int(self.released[worker]) < number - self.slots + 1 or size > self.slot_bytes:
             return None
         return (worker * self.slots + number % self.slots) * self.slot_bytes
 
-    def place_frames(self, worker: int, number: int, frames: list[torch.Tensor]) -> dict[str, Any] | None:
-        """In a worker: copy the frames of its slotted batch ``number`` (each ``[N, 3, H, W]``
-        uint8, channels-last as decoded) into its next region; None if that is still in use or
-        too small."""
-        start = self._region(worker, number, sum(f.numel() for f in frames))
+    def place_frames(self, worker: int, number: int, frames: list[torch.Tensor], free_from: int | None = None
+                     ) -> dict[str, Any] | None:
+        """In a worker: the frames of its slotted batch ``number`` (each ``[N, 3, H, W]`` uint8,
+        channels-last as decoded) in its next region: those decoded there already stay, the
+        others are copied from ``free_from`` on (the region's first byte not decoded into); None
+        if the region is still in use or too small."""
+        start = self.region(worker, number, 0)
         if start is None:
             return None
+        end, base = start + self.slot_bytes, self.memory.data_ptr()
+        free = start if free_from is None else free_from  # [start, free_from): decoded in place already
         layout = []
         for clip in frames:
-            pixels = clip.permute(0, 2, 3, 1)  # [N, H, W, 3]: the decoder's layout, so the copy is one memcpy
-            self.memory[start : start + pixels.numel()].view(pixels.shape).copy_(pixels)
-            layout.append((start, tuple(pixels.shape)))
-            start += pixels.numel()
+            pixels = clip.permute(0, 2, 3, 1)  # [N, H, W, 3]: the decoder's layout, so a copy is one memcpy
+            if pixels.is_contiguous() and start <= pixels.data_ptr() - base < end:
+                layout.append((pixels.data_ptr() - base, tuple(pixels.shape)))
+                continue
+            if free + pixels.numel() > end:
+                return None
+            self.memory[free : free + pixels.numel()].view(pixels.shape).copy_(pixels)
+            layout.append((free, tuple(pixels.shape)))
+            free += pixels.numel()
         return dict(worker=worker, number=number, layout=layout)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s pixels lie in this shared memory."""
+        offset = tensor.data_ptr() - self.memory.data_ptr()
+        return 0 <= offset < self.memory.numel()
 
     def place_batch(self, worker: int, number: int, clips: list[torch.Tensor]) -> dict[str, Any] | None:
         """In a worker: stack equal-shaped ``clips`` (``[..., 3, S, S]``) into its next region;
         None if that is still in use or too small."""
         shape = (len(clips), *clips[0].shape)
-        start = self._region(worker, number, math.prod(shape))
+        start = self.region(worker, number, math.prod(shape))
         if start is None:
             return None
         region = self.memory[start : start + math.prod(shape)]
