@@ -893,10 +893,9 @@ def collect_clips(cfg, shardset, device: torch.device | None) -> tuple[torch.Ten
     return torch.cat([c.cpu() for c in clips]), keys, len(keys) / elapsed, loader.stats["cpu_decode_fallbacks"]
 
 
-def timed_clips(loader, warmup: int, device: torch.device | None, budget: Budget, max_s: float) -> tuple[int, float]:
-    """(clips, seconds) a loader delivers after its first ``warmup`` batches (start-up: every
-    worker's first batch), for at most ``max_s``; the workers' CPU over the same batches goes
-    to ``loader.stats["timed_worker_cpu_us"]``."""
+def timed_clips(loader, warmup: int, device: torch.device | None, budget: Budget, max_s: float) -> tuple[int, float, int]:
+    """(clips, seconds, the workers' CPU microseconds) of what a loader delivers after its first
+    ``warmup`` batches (start-up: every worker's first batch), for at most ``max_s``."""
     seen, start, index, worker_cpu = 0, None, 0, 0
     stream = iter(loader)
     try:
@@ -910,10 +909,10 @@ def timed_clips(loader, warmup: int, device: torch.device | None, budget: Budget
                 break
     finally:
         stream.close()
-    loader.stats["timed_worker_cpu_us"] = loader.stats["worker_cpu_us"] - worker_cpu
+    worker_cpu = loader.stats["worker_cpu_us"] - worker_cpu
     if device is not None:
         synchronize(device)
-    return seen, time.perf_counter() - start if start else float("nan")
+    return seen, time.perf_counter() - start if start else float("nan"), worker_cpu
 
 
 def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_s: float) -> tuple[float, int]:
@@ -922,7 +921,7 @@ def loader_rate(cfg, shardset, device: torch.device | None, budget: Budget, max_
     from fusion.data import val_loader
 
     loader = val_loader(cfg, shardset, batch_size=8, rank=0, world_size=1, device=device)
-    seen, seconds = timed_clips(loader, 1, device, budget, max_s)
+    seen, seconds, _ = timed_clips(loader, 1, device, budget, max_s)
     return (seen / seconds if seen else float("nan")), loader.stats["cpu_decode_fallbacks"]
 
 
@@ -1143,13 +1142,13 @@ def loader_row(cfg, shardset, batch: int, workers: int, device: torch.device | N
 
     loader = train_loader(dataclasses.replace(cfg, num_workers=workers), shardset, batch_size=batch, rank=0, world_size=1,
                           epoch=0, seed=0, device=device)
-    seen, elapsed = timed_clips(loader, max(1, workers), device, budget, seconds)
+    seen, elapsed, worker_us = timed_clips(loader, max(1, workers), device, budget, seconds)
     # the workers' CPU a clip, their hand-over of batches included, and batches whose pixels did
     # not fit the shared regions they hand batches over in (fusion.data.loader.FrameSlots)
     row = {"workers": workers, "resize_on": cfg.resize_on, "clips_per_s": seen / elapsed if seen else None, "clips": seen,
            "seconds": elapsed, "frame_slot_misses": loader.stats["frame_slot_misses"]}
     if seen and workers:
-        row["worker_cpu_ms_per_clip"] = loader.stats["timed_worker_cpu_us"] / 1e3 / seen
+        row["worker_cpu_ms_per_clip"] = worker_us / 1e3 / seen
     return row
 
 
