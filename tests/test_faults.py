@@ -108,6 +108,48 @@ def test_frames_larger_than_the_manifest_allows_are_refused_before_decoding(tmp_
     assert len([key for batch in loader for key in batch["keys"]]) == 5 and loader.stats["corrupt_samples"] == 3
 
 
+def test_frame_headers_equal_to_the_first_are_not_parsed_again(monkeypatch):
+    """``_frame_size`` parses the first frame's header and skips frames whose header bytes are
+    the same (libjpeg reads those bytes and no others, so it would answer the same); any frame
+    whose header differs is parsed and judged as before."""
+    import numpy as np
+
+    from fusion.data import decode
+    from fusion.data.common import FrameLimits
+
+    texture = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    frames = [simplejpeg.encode_jpeg(np.roll(texture, t, axis=1), quality=90, colorsubsampling="420") for t in range(8)]
+    names = [f"{t:03d}.jpg" for t in range(8)]
+    limits = FrameLimits(24, 96)
+    parsed = []
+    real = simplejpeg.decode_jpeg_header
+    monkeypatch.setattr(simplejpeg, "decode_jpeg_header", lambda data: parsed.append(1) or real(data))
+
+    def frame_size(replaced: dict[int, bytes]) -> tuple[int, int]:
+        parsed.clear()
+        sample = {name: memoryview(replaced.get(t, frame)) for t, (name, frame) in enumerate(zip(names, frames))}
+        return decode._frame_size(sample, names, limits)
+
+    header = decode._jpeg_header_bytes(frames[0])
+    assert header is not None and frames[0].startswith(header) and header.endswith(frames[0][len(header) - 10 : len(header)])
+    for frame in frames:  # the bytes after the header change nothing libjpeg's header parse says
+        assert real(frame[: len(header)] + b"\0" * 64) == real(frame) == real(frames[0])
+    assert frame_size({}) == (24, 40) and len(parsed) == 1
+
+    # a frame that claims another size, one of another true size, a header of other tables
+    with pytest.raises(decode.CorruptSample, match="claims 65500x65500"):
+        frame_size({5: claim_size(frames[5], 65500, 65500)})
+    wide = simplejpeg.encode_jpeg(np.ascontiguousarray(np.tile(texture, (1, 2, 1))), quality=90, colorsubsampling="420")
+    with pytest.raises(decode.CorruptSample, match="frame 003.jpg is 80x24, frame 000.jpg 40x24"):
+        frame_size({3: wide})
+    other_tables = simplejpeg.encode_jpeg(texture, quality=50, colorsubsampling="420")
+    assert frame_size({6: other_tables}) == (24, 40) and len(parsed) == 2
+    # a first frame whose markers the walk does not follow (a fill byte): every frame is parsed
+    padded = frames[0][:2] + b"\xff" + frames[0][2:]
+    assert real(padded) == real(frames[0]) and decode._jpeg_header_bytes(padded) is None
+    assert frame_size({0: padded}) == (24, 40) and len(parsed) == 8
+
+
 def test_a_training_run_outlives_a_bad_header(synthetic_shards, tmp_path):
     """The 5 KB frame that claims 65500x65500 made the worker allocate ~96 GiB and die, and
     --resume replayed the same batch: now it is one skipped, counted clip."""

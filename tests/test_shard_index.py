@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from fusion.data import DataConfig, ShardSet, TarStream, train_loader, train_plan, val_loader, val_plan
+from fusion.data.common import FrameLimits
+from fusion.data.read import _checked_piece_sample, _PieceReader, _shard_samples
 from sharding import storage
 from sharding.shard_index import SampleCrcs, crc32c, index_manifest, sample_offsets
 from tests.test_data import write_shards
@@ -287,6 +289,72 @@ def test_a_sample_too_large_to_hold_is_streamed_not_read_whole(tmp_path, monkeyp
     assert sorted(key for batch in loader for key in batch["keys"]) == sorted(keys)
     assert loader.stats["corrupt_samples"] == loader.stats["corrupt_shards"] == 0
     assert "more than the 16000 a sample is read whole at" in caplog.text
+
+
+def _both_parsers(piece: bytes, limits: FrameLimits) -> tuple[dict | None, list[dict] | Exception]:
+    """What the fast parser of a checked piece and the general one make of ``piece``, members as bytes."""
+    def plain(sample):
+        return {name: bytes(value) if isinstance(value, memoryview) else value for name, value in sample.items()}
+
+    fast = _checked_piece_sample(piece, "u", limits)
+    try:
+        general = [plain(s) for s in _shard_samples(_PieceReader(piece), "u", 0, 2, limits, verify_headers=False)]
+    except (tarfile.TarError, ValueError) as error:
+        general = error
+    return (None if fast is None else plain(fast)), general
+
+
+def test_the_fast_parser_of_checked_pieces_is_the_general_one_or_steps_aside(synthetic_shards, tmp_path):
+    """``_checked_piece_sample`` parses every sample make_shards and webdataset's writer pack,
+    exactly as ``_shard_samples`` does; any piece it does not take whole (long names, PAX
+    records, directories, a member over its limit, two keys, a name twice, a cut member) it
+    leaves to the general parser (None), never a different sample."""
+    write_shards(tmp_path / "wds", [3])
+    index_manifest(str(tmp_path / "wds"), progress=False)
+    for folder in (synthetic_shards / "train", tmp_path / "wds"):
+        shardset = ShardSet.open(str(folder))
+        for name in shardset.shards:
+            data, offsets = (folder / name).read_bytes(), shardset.offsets(name)
+            for start, end in zip(offsets, offsets[1:]):
+                fast, general = _both_parsers(data[start:end], shardset.limits)
+                assert fast is not None and [fast] == general
+
+    limits = FrameLimits(24, 96)  # frames of at most 79,360 bytes
+    plain = [("123.000.jpg", b"x" * 700), ("123.001.jpg", b""), ("123.cls", b"5"), ("123.json", b"{}")]
+    variants = {
+        "plain": (plain, True),
+        "a member it does not read": (plain + [("123.txt", b"t"), ("999.txt", b"other key, unread")], True),
+        "a dotted extension": ([("7.b.cls", b"3"), ("7.000.jpg", b"y")], True),
+        "a directory": ([("123", None)] + plain, False),
+        "a long name": (plain + [("k" * 120 + ".000.jpg", b"z")], False),
+        "a non-ASCII name (PAX)": ([("\u00e9t\u00e9.cls", b"5")], None),
+        "a member over its limit": (plain + [("123.002.jpg", b"b" * 80_000)], False),
+        "two keys": (plain + [("124.002.jpg", b"q")], False),
+        "a name twice": (plain + [("123.cls", b"7")], False),
+        "a slash": ([("d/123.cls", b"5")], False),
+    }
+    for layout in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        for what, (members, taken) in variants.items():
+            buffer = io.BytesIO()
+            try:
+                with tarfile.open(fileobj=buffer, mode="w", format=layout) as archive:
+                    for name, data in members:
+                        info = tarfile.TarInfo(name)
+                        if data is None:
+                            info.type = tarfile.DIRTYPE
+                            archive.addfile(info)
+                        else:
+                            info.size = len(data)
+                            archive.addfile(info, io.BytesIO(data))
+            except ValueError:  # ustar cannot name it
+                continue
+            piece = buffer.getvalue().rstrip(b"\0")
+            piece += bytes(-len(piece) % tarfile.BLOCKSIZE)  # one sample's members, without the end blocks
+            fast, general = _both_parsers(piece, limits)
+            assert fast is None or [fast] == general, (layout, what)
+            if taken is not None:
+                assert (fast is not None) == taken, (layout, what)
+            assert _checked_piece_sample(piece[:-1], "u", limits) is None, (layout, what)  # a cut member
 
 
 @pytest.mark.parametrize("layout", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
