@@ -5,6 +5,7 @@ simplejpeg and cut (:func:`decode_clip`); or only the JPEG bytes for nvJPEG
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -98,11 +99,18 @@ class CorruptSample(ValueError):
 
 
 def _frame_names(sample: dict[str, Any], frames: int) -> list[str]:
-    names = [f"{index:03d}.jpg" for index in range(frames)]
-    missing = [name for name in names if name not in sample]
-    if missing:
-        raise CorruptSample(f"missing frames {missing[:3]}")
+    names, every = _stored_frame_names(frames)
+    if not sample.keys() >= every:
+        raise CorruptSample(f"missing frames {[name for name in names if name not in sample][:3]}")
     return names
+
+
+@functools.lru_cache(maxsize=8)
+def _stored_frame_names(frames: int) -> tuple[list[str], frozenset[str]]:
+    """The member names ``000.jpg`` .. of ``frames`` stored frames, in order and as a set
+    (shared: callers never modify them)."""
+    names = [f"{index:03d}.jpg" for index in range(frames)]
+    return names, frozenset(names)
 
 
 def _frame_size(sample: dict[str, Any], names: list[str], limits: FrameLimits) -> tuple[int, int]:
