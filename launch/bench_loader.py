@@ -1,8 +1,11 @@
-"""How fast the shard loader turns shards into training clips, per CPU core, against two
+"""How fast the shard loader turns shards into training clips, per CPU core, against
 references measured on the same clips in the same run:
 
 - the floor: decoding the same JPEG bytes with simplejpeg in this process (what any JPEG
-  loader must pay; the loader adds tar reading, cropping, resizing, batching, IPC);
+  loader must pay; the loader adds tar reading, cropping, resizing, batching, IPC); each frame
+  into an array dropped at once, whose memory the allocator hands back for the next frame;
+- the same decode into one array a clip, a batch of them kept: the frames stay in memory, as
+  a loader must keep them, and each is written to memory that is not in cache;
 - the naive loader: decoding each source ``.webm`` with PyAV and sampling T frames
   (``sharding.video.decode_sampled``, what make_shards does once so training never has to).
 
@@ -31,9 +34,11 @@ import os
 import statistics
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import simplejpeg
 import torch
 from tqdm import tqdm
@@ -88,13 +93,24 @@ def read_samples(shardset: ShardSet, limit: int) -> list[dict]:
     return samples
 
 
-def time_floor(samples: list[dict], frames: int) -> tuple[float, float, None]:
-    """Clips/s decoding only the JPEG frames, one thread, and CPU ms a clip."""
+def time_floor(samples: list[dict], frames: int, kept: int = 0) -> tuple[float, float, None]:
+    """Clips/s decoding only the JPEG frames, one thread, and CPU ms a clip. ``kept``: each
+    clip's frames decoded into one array of its own, and the last ``kept`` clips' arrays kept
+    (as a batch keeps them); 0: each frame into an array dropped at once, which the allocator
+    hands back for the next, so the decoder writes to memory in cache (the floor)."""
     names = [f"{t:03d}.jpg" for t in range(frames)]
+    held: deque = deque(maxlen=max(kept, 1))
     start, cpu = time.perf_counter(), time.process_time()
     for sample in samples:
-        for name in names:
-            simplejpeg.decode_jpeg(sample[name], colorspace="RGB")
+        if kept:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(sample[names[0]])
+            pixels = np.empty((frames, height, width, 3), np.uint8)
+            held.append(pixels)
+            for position, name in enumerate(names):
+                simplejpeg.decode_jpeg(sample[name], colorspace="RGB", buffer=pixels[position])
+        else:
+            for name in names:
+                simplejpeg.decode_jpeg(sample[name], colorspace="RGB")
     return len(samples) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(samples), None
 
 
@@ -149,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
         shardset = ShardSet.open(shards)
         manifest_args = shardset.manifest.get("args", {})
         clips = min(args.clips, shardset.num_samples)
+        if clips < 2 * args.batch_size:
+            raise SystemExit(f"timing {clips} clips (--clips {args.clips}, {shardset.num_samples} in {shards}) needs at "
+                             f"least two batches of --batch-size {args.batch_size}: the first batch is not timed (worker "
+                             "start-up); ask for more clips or a smaller batch")
         samples = read_samples(shardset, clips)
         frames = args.frames or shardset.frames
         print(f"shards: {shards}  ({shardset.num_samples} clips, T={frames}, short side {shardset.manifest.get('short_side')}), "
@@ -157,7 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         # every path as a thunk, timed in turn each round: a slow spell of the machine then
         # falls on all paths alike, and the median of the rounds is what is printed
         paths: list[tuple[str, int, Callable[[], tuple[float, float, float | None]]]] = [
-            ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(samples, frames))]
+            ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(samples, frames)),
+            # what a loader cannot avoid beyond the floor: the frames kept, a batch of clips at a time
+            ("JPEG decode into kept clip arrays", 1, lambda: time_floor(samples, frames, kept=args.batch_size))]
         for workers in (int(w) for w in args.workers.split(",")):
             paths.append((f"train_loader, {workers} workers, crop {args.crop_size}", max(1, workers),
                           functools.partial(time_loader, shardset, workers, args.batch_size, args.crop_size, clips,

@@ -535,3 +535,29 @@ def test_a_frame_slot_in_use_is_not_written():
     batch = slots.take_batch(placed, pin=False)
     assert torch.equal(batch, torch.stack(clips)) and int(slots.released[1]) == 4
     assert slots.place_batch(0, 1, clips * 6) is None  # 144 bytes: more than a region
+
+
+def test_bench_loader_times_every_path(synthetic_shards):
+    """``launch.bench_loader`` on real shards: a row for each reference and each loader path,
+    each with its ratio to the floor; too few clips for two batches is a clear error."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "launch.bench_loader", "--shards", str(synthetic_shards / "train"), "--batch-size", "2",
+               "--frames", "4", "--workers", "0,1", "--rounds", "2"]
+    result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line[:50].strip(): line[50:].split() for line in result.stdout.splitlines() if line[50:].rstrip().endswith("x")}
+    assert set(rows) == {
+        "JPEG decode only (simplejpeg, floor)", "JPEG decode into kept clip arrays", "train_loader, 0 workers, crop 224",
+        "train_loader, 1 workers, crop 224", "loader process, resize_on device (decode only)",
+        "train_loader, resize_on device = this CPU", "1 workers -> trainer, resize_on device",
+        "loader process, decode gpu (bytes only)", "1 workers -> trainer, decode gpu (here: cpu)",
+        "naive: PyAV .webm decode + sample T frames"}
+    assert rows["JPEG decode only (simplejpeg, floor)"][3] == "1.00x"
+    assert all(float(row[3].rstrip("x")) > 0 for row in rows.values())
+    assert rows["1 workers -> trainer, resize_on device"][5] != "-"  # the workers' share of the CPU
+
+    short = subprocess.run(command[:-4] + ["--batch-size", "8"], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert short.returncode != 0 and "needs at least two batches of --batch-size 8" in short.stderr
