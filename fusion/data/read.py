@@ -238,8 +238,9 @@ def _indexed_samples(stream: Any, url: str, offsets: list[int], checksums: list[
 
 def _checked_piece_sample(piece: bytes, url: str, limits: FrameLimits) -> dict[str, Any] | None:
     """The sample of one piece whose CRC-32C matched, in one pass over its headers, or None
-    where the piece holds anything but plain files of one key within their limits (long names,
-    PAX records, directories, a member over its limit, a second sample, a name read twice): then
+    where the piece holds anything but plain files of one key within their limits and PAX
+    records that neither rename nor resize (long names, directories, a member over its limit, a
+    second sample, a name read twice): then
     :func:`_shard_samples` parses it, and says what is wrong. Where this returns a sample it is
     the one :func:`_shard_samples` returns, member for member (``tests/test_shard_index.py``).
 
