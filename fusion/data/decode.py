@@ -121,7 +121,7 @@ def _frame_size(sample: dict[str, Any], names: list[str], limits: FrameLimits) -
     A frame whose header bytes are the first frame's (an encoder writes the same tables and size
     for every frame of a clip) is not parsed again: libjpeg's header parse reads those bytes and
     no others (:func:`_jpeg_header_bytes`), so it would give the first frame's answer. Parsing
-    all 32 headers of a sample took ~0.1 ms of a loader process's ~4 ms a clip; comparing the
+    all 32 headers of a sample took 0.05-0.08 ms of a loader process's ~4 ms a clip; comparing the
     31 copies ~0.02 ms."""
     size, header = None, None
     for name in names:
