@@ -3,7 +3,10 @@ references measured on the same clips in the same run:
 
 - the floor: decoding the same JPEG bytes with simplejpeg in this process (what any JPEG
   loader must pay; the loader adds tar reading, cropping, resizing, batching, IPC); each frame
-  into an array dropped at once, whose memory the allocator hands back for the next frame;
+  into an array dropped at once, whose memory the allocator hands back for the next frame.
+  The same bytes: the frames the timed loader decodes, of the clips it delivers, in its order
+  (taken from the loader itself in ``decode: gpu`` mode, which picks them and decodes nothing);
+  clips and frames differ in cost by ~5 % (the first and second half of the demo's shards);
 - the same decode into one array a clip, a batch of them kept: the frames stay in memory, as
   a loader must keep them, and each is written to memory that is not in cache;
 - the naive loader: decoding each source ``.webm`` with PyAV and sampling T frames
@@ -12,7 +15,9 @@ references measured on the same clips in the same run:
 The loader is timed in its three modes: the crop in the workers (the default), the crop on
 the device (``data.resize_on: device``: a loader process only decodes) and the decode on the
 device (``data.decode: gpu``: a loader process only reads and picks the frames' bytes); for
-the last two, one row times the loader process's own work, without the device's. With
+the last two, one row times the loader process's own work, without the device's. One more
+row times the decode-only process with simplejpeg's decode stubbed out (it returns its buffer
+unwritten): what the loader costs beside the decoder. With
 ``--workers`` above 0, rows of loader workers beside this (training) process time the
 hand-over of batches too: ``cpu ms/clip`` counts every process, ``workers`` their share (as
 they report it, ``worker_cpu_us``). ``resize_on: device`` leaves its crop to the ``meta``
@@ -29,6 +34,7 @@ manifest's ``args.videos`` unless ``--videos`` names them. Figures are ratios, n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import statistics
@@ -36,16 +42,14 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import simplejpeg
 import torch
 from tqdm import tqdm
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from fusion.data import READ_MEMBER, DataConfig, ShardSet, train_loader
-from sharding import storage
+from fusion.data import DataConfig, ShardSet, train_loader
 from sharding.video import decode_sampled
 
 
@@ -80,38 +84,41 @@ def synthetic_shards(folder: Path, clips: int) -> str:
     return str(out)
 
 
-def read_samples(shardset: ShardSet, limit: int) -> list[dict]:
-    """The first ``limit`` samples' JPEG members, as bytes in memory (for the floor)."""
-    samples = []
-    for name in shardset.shards:
-        with storage.open_stream(shardset.shard_url(name)) as stream:
-            files = ({**f, "__url__": name} for f in tar_file_iterator(stream, select_files=lambda n: READ_MEMBER.match(n) is not None))
-            for sample in group_by_keys(files):
-                samples.append(sample)
-                if len(samples) == limit:
-                    return samples
-    return samples
+def loader_clips(shardset: ShardSet, batch_size: int, crop_size: int, clips: int, frames: int) -> tuple[list[str], list[list[bytes]]]:
+    """The keys and the chosen frames' JPEG bytes of the clips :func:`time_loader` times (its
+    batches after the first, up to ``clips``), as the loader picks them: a ``decode: gpu`` pass
+    of the same loader, which picks the same frames and decodes none (the floor's bytes)."""
+    cfg = DataConfig(num_workers=0, crop_size=crop_size, frames=frames, shuffle_window=batch_size, decode="gpu")
+    loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0)
+    keys: list[str] = []
+    jpegs: list[list[bytes]] = []
+    for number, batch in enumerate(loader.dataset):
+        if number:  # the first batch is not timed
+            keys += batch["keys"]
+            jpegs += [clip["jpegs"] for clip in batch["encoded"]]
+        if len(keys) >= clips:
+            break
+    return keys[:clips], jpegs[:clips]
 
 
-def time_floor(samples: list[dict], frames: int, kept: int = 0) -> tuple[float, float, None]:
+def time_floor(clips: list[list[bytes]], kept: int = 0) -> tuple[float, float, None]:
     """Clips/s decoding only the JPEG frames, one thread, and CPU ms a clip. ``kept``: each
     clip's frames decoded into one array of its own, and the last ``kept`` clips' arrays kept
     (as a batch keeps them); 0: each frame into an array dropped at once, which the allocator
     hands back for the next, so the decoder writes to memory in cache (the floor)."""
-    names = [f"{t:03d}.jpg" for t in range(frames)]
     held: deque = deque(maxlen=max(kept, 1))
     start, cpu = time.perf_counter(), time.process_time()
-    for sample in samples:
+    for jpegs in clips:
         if kept:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(sample[names[0]])
-            pixels = np.empty((frames, height, width, 3), np.uint8)
+            height, width, _, _ = simplejpeg.decode_jpeg_header(jpegs[0])
+            pixels = np.empty((len(jpegs), height, width, 3), np.uint8)
             held.append(pixels)
-            for position, name in enumerate(names):
-                simplejpeg.decode_jpeg(sample[name], colorspace="RGB", buffer=pixels[position])
+            for position, jpeg in enumerate(jpegs):
+                simplejpeg.decode_jpeg(jpeg, colorspace="RGB", buffer=pixels[position])
         else:
-            for name in names:
-                simplejpeg.decode_jpeg(sample[name], colorspace="RGB")
-    return len(samples) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(samples), None
+            for jpeg in jpegs:
+                simplejpeg.decode_jpeg(jpeg, colorspace="RGB")
+    return len(clips) / (time.perf_counter() - start), (time.process_time() - cpu) * 1e3 / len(clips), None
 
 
 def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int, resize_on: str = "worker",
@@ -144,6 +151,19 @@ def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: in
     return seen / (time.perf_counter() - start), cpu * 1e3 / seen, worker_cpu * 1e3 / seen if workers and not worker_side else None
 
 
+@contextlib.contextmanager
+def decoder_stubbed() -> Iterator[None]:
+    """simplejpeg's decode, in this process, replaced by one that returns its output buffer
+    unwritten: what the loader process then costs is its own work (reads, checks, parsing,
+    headers, sampling, batches), without the decoder's."""
+    decode_jpeg = simplejpeg.decode_jpeg
+    simplejpeg.decode_jpeg = lambda data, colorspace="RGB", buffer=None, **options: buffer
+    try:
+        yield
+    finally:
+        simplejpeg.decode_jpeg = decode_jpeg
+
+
 def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> tuple[float, float, None]:
     """Clips/s decoding the source videos and sampling T frames, one thread, and CPU ms a clip."""
     paths = [next(iter(videos.glob(f"{key}.*")), None) for key in keys]
@@ -169,17 +189,17 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"timing {clips} clips (--clips {args.clips}, {shardset.num_samples} in {shards}) needs at "
                              f"least two batches of --batch-size {args.batch_size}: the first batch is not timed (worker "
                              "start-up); ask for more clips or a smaller batch")
-        samples = read_samples(shardset, clips)
         frames = args.frames or shardset.frames
+        keys, jpegs = loader_clips(shardset, args.batch_size, args.crop_size, clips, args.frames)
         print(f"shards: {shards}  ({shardset.num_samples} clips, T={frames}, short side {shardset.manifest.get('short_side')}), "
-              f"timing {clips} clips per path, cpu cores here: {os.cpu_count()}")
+              f"timing {len(jpegs)} clips per path (the floor: the frames the loader decodes), cpu cores here: {os.cpu_count()}")
 
         # every path as a thunk, timed in turn each round: a slow spell of the machine then
         # falls on all paths alike, and the median of the rounds is what is printed
         paths: list[tuple[str, int, Callable[[], tuple[float, float, float | None]]]] = [
-            ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(samples, frames)),
+            ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(jpegs)),
             # what a loader cannot avoid beyond the floor: the frames kept, a batch of clips at a time
-            ("JPEG decode into kept clip arrays", 1, lambda: time_floor(samples, frames, kept=args.batch_size))]
+            ("JPEG decode into kept clip arrays", 1, lambda: time_floor(jpegs, kept=args.batch_size))]
         for workers in (int(w) for w in args.workers.split(",")):
             paths.append((f"train_loader, {workers} workers, crop {args.crop_size}", max(1, workers),
                           functools.partial(time_loader, shardset, workers, args.batch_size, args.crop_size, clips,
@@ -189,6 +209,12 @@ def main(argv: list[str] | None = None) -> None:
         # same with the crop on this CPU as the "device" (the CPU-only path of that mode)
         paths.append(("loader process, resize_on device (decode only)", 1,
                       functools.partial(timed, resize_on="device", worker_side=True)))
+        def time_own_work() -> tuple[float, float, float | None]:
+            with decoder_stubbed():
+                return timed(resize_on="device", worker_side=True)
+
+        # the same process with the decoder doing nothing: the loader's own share of the row above
+        paths.append(("loader process, decoder stubbed (its own work)", 1, time_own_work))
         paths.append(("train_loader, resize_on device = this CPU", 1, functools.partial(timed, resize_on="device")))
         # the same decode in loader workers: what the training process receives (a GPU's crop
         # would cost this CPU nothing; the "meta" device computes only its shapes)
@@ -206,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                                             frames=args.frames, decode="gpu", device="cpu")))
         videos = Path(args.videos or manifest_args.get("videos", ""))
         if videos.is_dir():
-            keys, short_side = [s["__key__"] for s in samples], int(shardset.manifest.get("short_side", 240))
+            short_side = int(shardset.manifest.get("short_side", 240))
             paths.append(("naive: PyAV .webm decode + sample T frames", 1,
                           lambda: time_naive(videos, keys, frames, short_side)))
         else:

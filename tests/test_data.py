@@ -552,7 +552,7 @@ def test_bench_loader_times_every_path(synthetic_shards):
     assert set(rows) == {
         "JPEG decode only (simplejpeg, floor)", "JPEG decode into kept clip arrays", "train_loader, 0 workers, crop 224",
         "train_loader, 1 workers, crop 224", "loader process, resize_on device (decode only)",
-        "train_loader, resize_on device = this CPU", "1 workers -> trainer, resize_on device",
+        "loader process, decoder stubbed (its own work)", "train_loader, resize_on device = this CPU", "1 workers -> trainer, resize_on device",
         "loader process, decode gpu (bytes only)", "1 workers -> trainer, decode gpu (here: cpu)",
         "naive: PyAV .webm decode + sample T frames"}
     assert rows["JPEG decode only (simplejpeg, floor)"][3] == "1.00x"
@@ -561,3 +561,22 @@ def test_bench_loader_times_every_path(synthetic_shards):
 
     short = subprocess.run(command[:-4] + ["--batch-size", "8"], cwd=repo, capture_output=True, text=True, timeout=600)
     assert short.returncode != 0 and "needs at least two batches of --batch-size 8" in short.stderr
+
+
+def test_bench_loader_floor_decodes_the_frames_the_loader_decodes(synthetic_shards):
+    """The floor of ``launch.bench_loader`` decodes the same bytes as the loader it is compared
+    with: the frames the timed loader decodes, of the clips it delivers after its first batch,
+    in its order (the decode-only loader's frames are those bytes, decoded)."""
+    from launch.bench_loader import loader_clips
+
+    shardset = ShardSet.open(str(synthetic_shards / "train"))
+    keys, jpegs = loader_clips(shardset, batch_size=2, crop_size=32, clips=4, frames=3)
+    cfg = DataConfig(num_workers=0, crop_size=32, frames=3, shuffle_window=2, resize_on="device")
+    loader = train_loader(cfg, shardset, batch_size=2, rank=0, world_size=1, epoch=0, seed=0)
+    batches = [batch for _, batch in zip(range(3), loader.dataset)][1:]  # the first batch is not timed
+    assert keys == [key for batch in batches for key in batch["keys"]] and len(keys) == 4
+    decoded = [clip["frames"] for batch in batches for clip in batch["decoded"]]
+    for frames, clip_jpegs in zip(decoded, jpegs):
+        assert len(clip_jpegs) == 3
+        expected = np.stack([simplejpeg.decode_jpeg(jpeg, colorspace="RGB") for jpeg in clip_jpegs])
+        assert torch.equal(frames.permute(0, 2, 3, 1), torch.from_numpy(expected))
