@@ -78,8 +78,9 @@ class ShardCache:
                     if reserved is None:
                         return None
                     fetched = self._fetch(url, reserved, path, size, sha256, index)
-                    handle = open(path, "rb")
-        return storage.bounded(handle, start, size if stop is None else min(stop, size)), fetched
+                    handle = open(path, "rb", buffering=0)
+        # a range by the index is read a whole sample at a time; the whole shard, by the tar reader
+        return storage.bounded(handle, start, size if stop is None else min(stop, size), buffered=stop is None), fetched
 
     def cached_bytes(self) -> int:
         """Total size of the copies in the cache, complete or being downloaded."""
@@ -87,7 +88,7 @@ class ShardCache:
 
     def _open_copy(self, path: Path, size: int) -> BinaryIO | None:
         try:
-            handle = open(path, "rb")
+            handle = open(path, "rb", buffering=0)  # bounded() buffers what needs it
         except FileNotFoundError:
             return None
         if os.fstat(handle.fileno()).st_size != size:

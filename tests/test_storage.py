@@ -41,6 +41,18 @@ def _round_trip(base: str, tmp_path) -> None:
     with storage.open_stream(published) as stream:
         assert stream.read(10) == payload[:10]
         assert stream.read() == payload[10:]
+    # a byte range, read as the loader reads it, a whole sample at a time (and a stray small
+    # read): exactly the range's bytes, as bytes, and nothing past its end
+    stream, size = storage.open_range(published, 1000, 600_000)
+    with stream:
+        assert size == len(payload)
+        first, piece = stream.read(5), stream.read(400_000)
+        assert (first, piece) == (payload[1000:1005], payload[1005:401_005]) and type(piece) is bytes
+        assert stream.read(300_000) == payload[401_005:600_000]
+        assert stream.read(1) == b"" and stream.read() == b""
+    stream, _ = storage.open_range(published, len(payload) - 10, len(payload) + 100)
+    with stream:
+        assert stream.read(50) == payload[-10:] and stream.read() == b""
 
     assert storage.list_names(storage.join(base, "dir")) == ["blob.bin", "finished.tar"]
     storage.remove(published)
