@@ -28,7 +28,9 @@ only the workers' share stands for a GPU node.
 
 Without ``--shards`` it generates a small synthetic SSv2 set (``sharding.synthetic``) and packs
 it with make_shards in a temporary folder. The source videos are found through the
-manifest's ``args.videos`` unless ``--videos`` names them. Figures are ratios, not asserts.
+manifest's ``args.videos`` unless ``--videos`` names them. Each path is timed right after a
+timing of the floor, and its ratio is to that timing: ``vs floor`` is the median of a path's
+ratios over the rounds, ``rounds`` their range. Figures are ratios, not asserts.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clips", type=int, default=64, help="clips to time on each path (default 64)")
     parser.add_argument("--workers", default="0,2", help="loader worker counts to time, comma-separated (default 0,2)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="times every path is timed, in turn; the median is printed, and the spread of the "
-                             "rounds' ratios (this 2-core machine's figures move by ~0.1x from run to run) (default 1)")
+                        help="times every path is timed, in turn, each right after a timing of the floor; printed: "
+                             "the medians, and the spread of the rounds' ratios to the floor (this 2-core machine's "
+                             "figures move by ~0.1x from run to run) (default 1)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--frames", type=int, default=0,
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"shards: {shards}  ({shardset.num_samples} clips, T={frames}, short side {shardset.manifest.get('short_side')}), "
               f"timing {len(jpegs)} clips per path (the floor: the frames the loader decodes), cpu cores here: {os.cpu_count()}")
 
-        # every path as a thunk, timed in turn each round: a slow spell of the machine then
-        # falls on all paths alike, and the median of the rounds is what is printed
+        # every path as a thunk, timed in turn each round, each right after the floor; its ratio
+        # is to that floor timing, and the medians of the rounds are what is printed
         paths: list[tuple[str, int, Callable[[], tuple[float, float, float | None]]]] = [
             ("JPEG decode only (simplejpeg, floor)", 1, lambda: time_floor(jpegs)),
             # what a loader cannot avoid beyond the floor: the frames kept, a batch of clips at a time
@@ -240,28 +243,34 @@ def main(argv: list[str] | None = None) -> None:
         rates: dict[str, list[float]] = {name: [] for name, _, _ in paths}
         cpu: dict[str, list[float]] = {name: [] for name, _, _ in paths}
         worker_cpu: dict[str, list[float]] = {name: [] for name, _, _ in paths}
+        ratios: dict[str, list[float]] = {name: [] for name, _, _ in paths}  # a timing / the floor just before it
+        floor_name, _, time_the_floor = paths[0]
         for _ in tqdm(range(args.rounds), desc="rounds", unit="round", disable=args.rounds == 1):
-            for name, _, measure in paths:
+            for name, cores, measure in paths[1:]:
+                # the floor again right before each path: a slow spell of this machine lasts
+                # seconds, and a ratio to a floor timed a minute earlier would carry it
+                floor_rate, floor_cpu, _ = time_the_floor()
+                rates[floor_name].append(floor_rate)
+                cpu[floor_name].append(floor_cpu)
+                ratios[floor_name].append(1.0)
                 rate, cpu_ms, worker_ms = measure()
                 rates[name].append(rate)
                 cpu[name].append(cpu_ms)
+                ratios[name].append(rate / cores / floor_rate)
                 if worker_ms is not None:
                     worker_cpu[name].append(worker_ms)
-        rows = [(name, statistics.median(rates[name]), cores, statistics.median(cpu[name]),
-                 statistics.median(worker_cpu[name]) if worker_cpu[name] else None) for name, cores, _ in paths]
-        floor = rows[0][1]
 
         spread = args.rounds > 1
         # cpu ms/clip: every process of the path; workers': their own count, their hand-over included
         print(f"{'path':<48} {'clips/s':>9} {'cores':>6} {'clips/s/core':>13} {'vs floor':>9} {'cpu ms/clip':>12}"
               f" {'workers':>8}" + (f"  {'rounds (vs floor)':>17}" if spread else ""))
-        for name, rate, cores, cpu_ms, worker_ms in rows:
-            per_core = rate / cores
-            line = (f"{name:<48} {rate:9.1f} {cores:6d} {per_core:13.1f} {per_core / floor:8.2f}x {cpu_ms:12.2f}"
-                    f" {'-' if worker_ms is None else f'{worker_ms:.2f}':>8}")
-            if spread:  # each round's ratio to that round's floor
-                ratios = [r / cores / f for r, f in zip(rates[name], rates[rows[0][0]])]
-                line += f"  {min(ratios):8.2f}-{max(ratios):.2f}x"
+        for name, cores, _ in paths:
+            rate = statistics.median(rates[name])
+            worker_ms = statistics.median(worker_cpu[name]) if worker_cpu[name] else None
+            line = (f"{name:<48} {rate:9.1f} {cores:6d} {rate / cores:13.1f} {statistics.median(ratios[name]):8.2f}x "
+                    f"{statistics.median(cpu[name]):12.2f} {'-' if worker_ms is None else f'{worker_ms:.2f}':>8}")
+            if spread:
+                line += f"  {min(ratios[name]):8.2f}-{max(ratios[name]):.2f}x"
             print(line)
 
 if __name__ == "__main__":
