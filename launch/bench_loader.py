@@ -87,12 +87,22 @@ def synthetic_shards(folder: Path, clips: int) -> str:
     return str(out)
 
 
+def bench_train_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, frames: int,
+                       resize_on: str = "worker", decode: str = "cpu", device: str | None = None):
+    """The one-rank training loader every loader path times (and :func:`loader_clips` reads
+    the floor's frames from): epoch 0, seed 0, so every path sees the same clips and frames."""
+    # a small shuffle window spreads the tar reads over the timed batches (with the default 256
+    # they would all fall in the first, untimed, batch): each sample's read is counted once
+    cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on, frames=frames, shuffle_window=batch_size,
+                     decode=decode)
+    return train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0, device=device)
+
+
 def loader_clips(shardset: ShardSet, batch_size: int, crop_size: int, clips: int, frames: int) -> tuple[list[str], list[list[bytes]]]:
     """The keys and the chosen frames' JPEG bytes of the clips :func:`time_loader` times (its
     batches after the first, up to ``clips``), as the loader picks them: a ``decode: gpu`` pass
     of the same loader, which picks the same frames and decodes none (the floor's bytes)."""
-    cfg = DataConfig(num_workers=0, crop_size=crop_size, frames=frames, shuffle_window=batch_size, decode="gpu")
-    loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0)
+    loader = bench_train_loader(shardset, 0, batch_size, crop_size, frames, decode="gpu")
     keys: list[str] = []
     jpegs: list[list[bytes]] = []
     for number, batch in enumerate(loader.dataset):
@@ -136,11 +146,7 @@ def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: in
     the device decode of ``decode: gpu``). ``device="meta"`` with ``resize_on: device``: the
     batches as the training process receives them from the workers, the crop computing shapes
     only (what the GPU would do costs nothing here)."""
-    # a small shuffle window spreads the tar reads over the timed batches (with the default 256
-    # they would all fall in the first, untimed, batch): each sample's read is counted once
-    cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on, frames=frames, shuffle_window=batch_size,
-                     decode=decode)
-    loader = train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0, device=device)
+    loader = bench_train_loader(shardset, workers, batch_size, crop_size, frames, resize_on, decode, device)
     seen, start = 0, None
     for batch in (loader.dataset if worker_side else loader):
         if start is None:
