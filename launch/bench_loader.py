@@ -6,7 +6,7 @@ references measured on the same clips in the same run:
   into an array dropped at once, whose memory the allocator hands back for the next frame.
   The same bytes: the frames the timed loader decodes, of the clips it delivers, in its order
   (taken from the loader itself in ``decode: gpu`` mode, which picks them and decodes nothing);
-  clips and frames differ in cost by ~5 % (the first and second half of the demo's shards);
+  clips and frames differ in cost, by 1-5 % between the first and second half of the demo's shards;
 - the same decode into one array a clip, a batch of them kept: the frames stay in memory, as
   a loader must keep them, and each is written to memory that is not in cache;
 - the naive loader: decoding each source ``.webm`` with PyAV and sampling T frames
