@@ -24,13 +24,19 @@ they report it, ``worker_cpu_us``). ``resize_on: device`` leaves its crop to the
 device (shapes only); ``decode: gpu`` decodes on this CPU, in the training process, so there
 only the workers' share stands for a GPU node.
 
-    python -m launch.bench_loader [--shards DIR] [--videos DIR] [--clips N] [--workers 0,2] [--rounds 5]
+    python -m launch.bench_loader [--shards DIR] [--videos DIR] [--clips N] [--workers 0,2] [--rounds 5] [--in-memory]
 
 Without ``--shards`` it generates a small synthetic SSv2 set (``sharding.synthetic``) and packs
 it with make_shards in a temporary folder. The source videos are found through the
 manifest's ``args.videos`` unless ``--videos`` names them. Each path is timed right after a
 timing of the floor, and its ratio is to that timing: ``vs floor`` is the median of a path's
 ratios over the rounds, ``rounds`` their range. Figures are ratios, not asserts.
+
+The floor's bytes are in this process's memory; the loader reads its shards. Where the
+kernel reclaims page cache left unread for a while (this project's CI machine, a VM with
+DAMON's proactive ``pageout``, dropped a tenth of the warmed demo shards, a quarter of one of them, within a run),
+the loader then waits for the disk: ``--in-memory`` times a copy of the shards in tmpfs, and
+the run names every one-process path whose CPU time falls short of its wall time.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import argparse
 import contextlib
 import functools
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -69,7 +76,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop-size", type=int, default=224)
     parser.add_argument("--frames", type=int, default=0,
                         help="frames per clip the loader decodes, T (data.frames; the floor decodes as many); 0: all stored")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="time a copy of the shard folder in tmpfs (/dev/shm), so that the loader reads from memory as "
+                             "the floor does: where idle page cache is reclaimed (this VM's DAMON pageout drops pages "
+                             "unread for seconds), the loader's reads otherwise wait for the disk and its ratios time "
+                             "the disk too")
     return parser.parse_args(argv)
+
+
+TMPFS = Path("/dev/shm")
+
+
+def in_memory_copy(shards: str, folder: Path) -> str:
+    """A copy of the local shard folder ``shards`` (its index and manifest with it) in
+    ``folder``, a folder of tmpfs: its pages are memory, which the kernel does not reclaim as
+    it does a file's cache."""
+    source = Path(shards)
+    if "://" in shards or not source.is_dir():
+        raise SystemExit(f"--in-memory copies a local shard folder, and {shards} is not one: time object storage "
+                         "with launch.bench_storage, or drop --in-memory")
+    size = sum(path.stat().st_size for path in source.rglob("*") if path.is_file())
+    # twice its size free: the copy must leave the loader's batch regions room in /dev/shm too
+    if shutil.disk_usage(folder).free < 2 * size:
+        raise SystemExit(f"--in-memory needs {2 * size / 1e9:.1f} GB free in {folder.parent} for a copy of {shards} "
+                         f"({size / 1e9:.1f} GB): time fewer shards, or drop --in-memory")
+    target = folder / source.name
+    shutil.copytree(source, target)
+    return str(target)
 
 
 def synthetic_shards(folder: Path, clips: int) -> str:
@@ -189,8 +222,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # per-core figures: one intra-op thread here, as in every DataLoader worker
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="bench_loader_") as scratch:
+    with contextlib.ExitStack() as cleanup:
+        scratch = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench_loader_"))
         shards = args.shards or synthetic_shards(Path(scratch), args.clips)
+        if args.in_memory:
+            if not TMPFS.is_dir():
+                raise SystemExit(f"--in-memory copies the shards to {TMPFS}, which this machine does not have: drop --in-memory")
+            shards = in_memory_copy(shards, Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench_loader_", dir=TMPFS))))
         shardset = ShardSet.open(shards)
         manifest_args = shardset.manifest.get("args", {})
         clips = min(args.clips, shardset.num_samples)
@@ -278,6 +316,26 @@ def main(argv: list[str] | None = None) -> None:
             if spread:
                 line += f"  {min(ratios[name]):8.2f}-{max(ratios[name]):.2f}x"
             print(line)
+        waited = off_cpu_paths(paths, rates, cpu, worker_cpu)
+        if waited:
+            print("off the CPU for part of their time (waiting for reads, or for another process of this machine): "
+                  + "; ".join(f"{name} {share:.0%}" for name, share in waited)
+                  + ". Their ratios time more than the CPU's work" + ("" if args.in_memory else "; --in-memory serves the shards from memory") + ".")
+
+
+def off_cpu_paths(paths: list, rates: dict[str, list[float]], cpu: dict[str, list[float]], worker_cpu: dict[str, list[float]],
+                  tolerance: float = 0.05) -> list[tuple[str, float]]:
+    """The one-process paths whose CPU time a clip is more than ``tolerance`` short of their
+    wall time a clip, with the share of the wall time they were off the CPU: a path that waits
+    (for storage, mostly) delivers fewer clips/s than its CPU work allows."""
+    waited = []
+    for name, cores, _ in paths:
+        if cores == 1 and not worker_cpu[name]:
+            wall_ms = 1e3 / statistics.median(rates[name])
+            share = 1 - statistics.median(cpu[name]) / wall_ms
+            if share > tolerance:
+                waited.append((name, share))
+    return waited
 
 if __name__ == "__main__":
     main()

@@ -545,9 +545,12 @@ def test_bench_loader_times_every_path(synthetic_shards):
 
     repo = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "launch.bench_loader", "--shards", str(synthetic_shards / "train"), "--batch-size", "2",
-               "--frames", "4", "--workers", "0,1", "--rounds", "2"]
+               "--frames", "4", "--workers", "0,1", "--rounds", "2", "--in-memory"]
+    before = set(Path("/dev/shm").glob("bench_loader_*"))
     result = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # timed on a copy in tmpfs, removed afterwards
+    assert result.stdout.startswith("shards: /dev/shm/bench_loader_") and set(Path("/dev/shm").glob("bench_loader_*")) == before
     rows = {line[:50].strip(): line[50:].split() for line in result.stdout.splitlines() if line[50:].rstrip().endswith("x")}
     assert set(rows) == {
         "JPEG decode only (simplejpeg, floor)", "JPEG decode into kept clip arrays", "train_loader, 0 workers, crop 224",
@@ -559,8 +562,26 @@ def test_bench_loader_times_every_path(synthetic_shards):
     assert all(float(row[3].rstrip("x")) > 0 for row in rows.values())
     assert rows["1 workers -> trainer, resize_on device"][5] != "-"  # the workers' share of the CPU
 
-    short = subprocess.run(command[:-4] + ["--batch-size", "8"], cwd=repo, capture_output=True, text=True, timeout=600)
+    short = subprocess.run(command[:-5] + ["--batch-size", "8"], cwd=repo, capture_output=True, text=True, timeout=600)
     assert short.returncode != 0 and "needs at least two batches of --batch-size 8" in short.stderr
+
+
+def test_bench_loader_names_the_paths_that_waited_and_copies_only_local_folders(tmp_path):
+    """A one-process path whose CPU time falls short of its wall time (a loader waiting for
+    its reads) is named with the share it waited; worker paths (CPU of two processes) are not
+    judged; ``--in-memory`` refuses what is not a local folder, saying what to do."""
+    from launch.bench_loader import in_memory_copy, off_cpu_paths
+
+    paths = [("floor", 1, None), ("waits", 1, None), ("workers", 1, None)]
+    rates = {"floor": [250.0], "waits": [100.0, 90.0, 110.0], "workers": [100.0]}  # 4 and 10 ms a clip
+    cpu = {"floor": [3.9], "waits": [8.0, 8.1, 7.9], "workers": [5.0]}
+    worker_cpu = {"floor": [], "waits": [], "workers": [4.0]}
+    assert off_cpu_paths(paths, rates, cpu, worker_cpu) == [("waits", pytest.approx(0.2))]
+    assert off_cpu_paths(paths, rates, {**cpu, "waits": [9.6]}, worker_cpu) == []  # within 5 %
+
+    for shards in ("s3://bucket/train", str(tmp_path / "missing")):
+        with pytest.raises(SystemExit, match="copies a local shard folder"):
+            in_memory_copy(shards, tmp_path)
 
 
 def test_bench_loader_floor_decodes_the_frames_the_loader_decodes(synthetic_shards):
