@@ -12,7 +12,9 @@ references measured on the same clips in the same run:
 - the naive loader: decoding each source ``.webm`` with PyAV and sampling T frames
   (``sharding.video.decode_sampled``, what make_shards does once so training never has to).
 
-The loader is timed in its three modes: the crop in the workers (the default), the crop on
+The loader decodes only the region of a frame around a training clip's crop
+(``data.region_decode``, :mod:`fusion.data.region`), and one row times its decode-only process
+decoding whole frames, as the floor does. The loader is timed in its three modes: the crop in the workers (the default), the crop on
 the device (``data.resize_on: device``: a loader process only decodes) and the decode on the
 device (``data.decode: gpu``: a loader process only reads and picks the frames' bytes); for
 the last two, one row times the loader process's own work, without the device's. One more
@@ -58,7 +60,7 @@ import simplejpeg
 import torch
 from tqdm import tqdm
 
-from fusion.data import DataConfig, ShardSet, train_loader
+from fusion.data import DataConfig, ShardSet, region, train_loader
 from sharding.video import decode_sampled
 
 
@@ -121,13 +123,13 @@ def synthetic_shards(folder: Path, clips: int) -> str:
 
 
 def bench_train_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, frames: int,
-                       resize_on: str = "worker", decode: str = "cpu", device: str | None = None):
+                       resize_on: str = "worker", decode: str = "cpu", device: str | None = None, region_decode: bool = True):
     """The one-rank training loader every loader path times (and :func:`loader_clips` reads
     the floor's frames from): epoch 0, seed 0, so every path sees the same clips and frames."""
     # a small shuffle window spreads the tar reads over the timed batches (with the default 256
     # they would all fall in the first, untimed, batch): each sample's read is counted once
     cfg = DataConfig(num_workers=workers, crop_size=crop_size, resize_on=resize_on, frames=frames, shuffle_window=batch_size,
-                     decode=decode)
+                     decode=decode, region_decode=region_decode)
     return train_loader(cfg, shardset, batch_size=batch_size, rank=0, world_size=1, epoch=0, seed=0, device=device)
 
 
@@ -168,8 +170,8 @@ def time_floor(clips: list[list[bytes]], kept: int = 0) -> tuple[float, float, N
 
 
 def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: int, clips: int, resize_on: str = "worker",
-                worker_side: bool = False, frames: int = 0, decode: str = "cpu", device: str | None = None
-                ) -> tuple[float, float, float | None]:
+                worker_side: bool = False, frames: int = 0, decode: str = "cpu", device: str | None = None,
+                region_decode: bool = True) -> tuple[float, float, float | None]:
     """Clips/s through train_loader (one rank), counted from the first batch to the last so
     that worker start-up is not charged to the steady state, the CPU ms a clip of all its
     processes over that span (this one's, and what the workers report, ``worker_cpu_us``), and
@@ -179,7 +181,7 @@ def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: in
     the device decode of ``decode: gpu``). ``device="meta"`` with ``resize_on: device``: the
     batches as the training process receives them from the workers, the crop computing shapes
     only (what the GPU would do costs nothing here)."""
-    loader = bench_train_loader(shardset, workers, batch_size, crop_size, frames, resize_on, decode, device)
+    loader = bench_train_loader(shardset, workers, batch_size, crop_size, frames, resize_on, decode, device, region_decode)
     seen, start = 0, None
     for batch in (loader.dataset if worker_side else loader):
         if start is None:
@@ -195,15 +197,16 @@ def time_loader(shardset: ShardSet, workers: int, batch_size: int, crop_size: in
 
 @contextlib.contextmanager
 def decoder_stubbed() -> Iterator[None]:
-    """simplejpeg's decode, in this process, replaced by one that returns its output buffer
-    unwritten: what the loader process then costs is its own work (reads, checks, parsing,
-    headers, sampling, batches), without the decoder's."""
-    decode_jpeg = simplejpeg.decode_jpeg
+    """simplejpeg's decode and the region decode, in this process, replaced by ones that leave
+    their output unwritten: what the loader process then costs is its own work (reads, checks,
+    parsing, headers, sampling, batches), without the decoder's."""
+    decode_jpeg, region_decoder = simplejpeg.decode_jpeg, region.region_decoder
     simplejpeg.decode_jpeg = lambda data, colorspace="RGB", buffer=None, **options: buffer
+    region.region_decoder = lambda: (lambda jpeg, area, out: None) if region_decoder() is not None else None
     try:
         yield
     finally:
-        simplejpeg.decode_jpeg = decode_jpeg
+        simplejpeg.decode_jpeg, region.region_decoder = decode_jpeg, region_decoder
 
 
 def time_naive(videos: Path, keys: list[str], frames: int, short_side: int) -> tuple[float, float, None]:
@@ -256,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
         # same with the crop on this CPU as the "device" (the CPU-only path of that mode)
         paths.append(("loader process, resize_on device (decode only)", 1,
                       functools.partial(timed, resize_on="device", worker_side=True)))
+        # the same, each frame decoded whole (data.region_decode: false; the floor's decode)
+        paths.append(("loader process, decode only, whole frames", 1,
+                      functools.partial(timed, resize_on="device", worker_side=True, region_decode=False)))
         def time_own_work() -> tuple[float, float, float | None]:
             with decoder_stubbed():
                 return timed(resize_on="device", worker_side=True)

@@ -118,6 +118,7 @@ BUNDLE: tuple[tuple[str, str], ...] = (
     ("braceexpand", "webdataset's"),
     ("av", "synthetic videos and make_shards' decoding"),
     ("simplejpeg", "the loader's JPEG decoder"),
+    ("turbojpeg", "its libturbojpeg 3: the loader's decode of a training crop's region"),
     ("google-crc32c", "the shard index's per-sample checksums"),
     ("timm", "the project's pin; the image has its own version"),
     ("deepspeed", "the training run (sdist: built here as a pure wheel, DS_BUILD_OPS=0)"),
@@ -136,10 +137,10 @@ IMAGE_STAND_INS = ("numpy", "pyyaml")
 # of these (tests/test_gpu_check.py), except boto3/botocore, imported only for s3:// shards.
 IMAGE_MODULES = ("torch", "torchvision", "timm", "einops", "tqdm", "yaml", "numpy", "psutil", "matplotlib", "tensorboard",
                  "safetensors", "urllib3", "pynvml", "PIL", "scipy", "msgpack", "packaging", "cpuinfo", "ninja", "triton")
-BUNDLE_MODULES = ("webdataset", "braceexpand", "av", "simplejpeg", "google_crc32c", "timm", "deepspeed", "hjson", "pydantic", "pydantic_core",
+BUNDLE_MODULES = ("webdataset", "braceexpand", "av", "simplejpeg", "turbojpeg", "google_crc32c", "timm", "deepspeed", "hjson", "pydantic", "pydantic_core",
                   "annotated_types", "typing_inspection", "typing_extensions")
 S3_ONLY_MODULES = ("boto3", "botocore")
-BUNDLE_IMPORTS = ("webdataset", "braceexpand", "av", "simplejpeg", "google_crc32c", "hjson", "pydantic", "annotated_types", "typing_inspection")
+BUNDLE_IMPORTS = ("webdataset", "braceexpand", "av", "simplejpeg", "turbojpeg", "google_crc32c", "hjson", "pydantic", "annotated_types", "typing_inspection")
 TREE_LIMIT_BYTES = 64 * 2**20  # what a device call carries: the working tree plus .whl/
 
 

@@ -554,7 +554,7 @@ def test_bench_loader_times_every_path(synthetic_shards):
     rows = {line[:50].strip(): line[50:].split() for line in result.stdout.splitlines() if line[50:].rstrip().endswith("x")}
     assert set(rows) == {
         "JPEG decode only (simplejpeg, floor)", "JPEG decode into kept clip arrays", "train_loader, 0 workers, crop 224",
-        "train_loader, 1 workers, crop 224", "loader process, resize_on device (decode only)",
+        "train_loader, 1 workers, crop 224", "loader process, resize_on device (decode only)", "loader process, decode only, whole frames",
         "loader process, decoder stubbed (its own work)", "train_loader, resize_on device = this CPU", "1 workers -> trainer, resize_on device",
         "loader process, decode gpu (bytes only)", "1 workers -> trainer, decode gpu (here: cpu)",
         "naive: PyAV .webm decode + sample T frames"}
@@ -592,7 +592,8 @@ def test_bench_loader_floor_decodes_the_frames_the_loader_decodes(synthetic_shar
 
     shardset = ShardSet.open(str(synthetic_shards / "train"))
     keys, jpegs = loader_clips(shardset, batch_size=2, crop_size=32, clips=4, frames=3)
-    cfg = DataConfig(num_workers=0, crop_size=32, frames=3, shuffle_window=2, resize_on="device")
+    # whole frames, to compare with the floor's (region decoding is exact: its own test)
+    cfg = DataConfig(num_workers=0, crop_size=32, frames=3, shuffle_window=2, resize_on="device", region_decode=False)
     loader = train_loader(cfg, shardset, batch_size=2, rank=0, world_size=1, epoch=0, seed=0)
     batches = [batch for _, batch in zip(range(3), loader.dataset)][1:]  # the first batch is not timed
     assert keys == [key for batch in batches for key in batch["keys"]] and len(keys) == 4

@@ -7,7 +7,8 @@ The stages, one module each (webdataset's pipeline of small stages is the model)
   reads nothing.
 - :mod:`fusion.data.read`: the reads. Segments to raw samples (ranged reads, the node cache,
   checks, waits on storage), then a lane's stream in shuffle windows (steps 4-7).
-- :mod:`fusion.data.decode`: the decode. Raw sample to clip: frames, crop, JPEG decode.
+- :mod:`fusion.data.decode`: the decode. Raw sample to clip: frames, crop, JPEG decode;
+  :mod:`fusion.data.region` decodes only a training crop's region of a frame.
 - :mod:`fusion.data.loader`: the batches. Workers, equal batches, refills, :class:`Loader`,
   :func:`train_loader`, :func:`val_loader`.
 - :mod:`fusion.data.common`: what they share (:class:`DataConfig`, :class:`ShardSet`, limits,

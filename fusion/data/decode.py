@@ -15,6 +15,7 @@ import simplejpeg
 import torch
 
 from fusion.config import ConfigError
+from fusion.data import region
 from fusion.data.common import ASPECT_RATIOS, MAX_FRAME_SIDE, DataConfig, FrameLimits, Oversize, ShardSet
 from sharding.ssv2 import NUM_CLASSES, flip_label
 
@@ -243,7 +244,9 @@ def decode_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng
     ``[V, T, 3, S, S]``, the views temporal-major. ``rng`` given: training (random frame per
     segment, random resized crop, maybe the flip); None: the views of ``sampling``. Without
     ``cut`` (one view only), the chosen frames whole, ``dict(frames=uint8 [T, 3, H, W],
-    view=ClipView)``, for :func:`cut_on_device` (``data.resize_on: device``).
+    view=ClipView)``, for :func:`cut_on_device` (``data.resize_on: device``). In training with
+    ``data.region_decode`` (and the library, :mod:`fusion.data.region`) only a region around the
+    crop is decoded: the frames are that region, and the view's box is relative to it.
 
     Raises :class:`CorruptSample`, also for frames beyond ``limits`` (every stored frame's
     header is checked before anything is allocated, whichever frames are then decoded).
@@ -258,25 +261,37 @@ def decode_clip(sample: dict[str, Any], sampling: Sampling, cfg: DataConfig, rng
         picks = [view_frame_indices(sampling.stored, sampling.frames, v, sampling.temporal_views) for v in range(sampling.temporal_views)]
     needed = sorted({index for pick in picks for index in pick})
     row = {index: position for position, index in enumerate(needed)}
+    view, decode_region = None, None
+    if rng is not None:  # the crop is known before a pixel is decoded (the frames' choice drew first)
+        view = _choose_view(cfg, height, width, rng)
+        if view.flip:
+            label = flip_label(label) if label >= 0 else label
+        decode_region = region.region_decoder() if cfg.region_decode else None
     try:
-        shape = (len(needed), height, width, 3)
+        if decode_region is not None:
+            # only the crop's region (widened for exact edges); the crop box moves with it
+            area = region.widened(view.box, height, width)
+            shape = (len(needed), area.height, area.width, 3)
+            top, left, h, w = view.box
+            view = ClipView((top - area.top, left - area.left, h, w), view.flip)
+        else:
+            shape = (len(needed), height, width, 3)
         pixels = out(shape) if out is not None else None
         if pixels is None:
             pixels = np.empty(shape, np.uint8)
         for position, index in enumerate(needed):  # decode in place: no per-frame arrays to stack
+            if decode_region is not None:
+                decode_region(sample[names[index]], area, pixels[position])
+                continue
             frame = simplejpeg.decode_jpeg(sample[names[index]], colorspace="RGB", buffer=pixels[position])
             if frame.shape != (height, width, 3):
                 raise ValueError(f"frame {names[index]} is {frame.shape[1]}x{frame.shape[0]}, frame 000 {width}x{height}")
-    except ValueError as error:  # simplejpeg is strict: truncated or garbled data raises too
+    except ValueError as error:  # simplejpeg and libjpeg-turbo are strict: truncated or garbled data raises too
         raise CorruptSample(f"JPEG frames do not decode: {error}") from None
     except MemoryError:
         raise CorruptSample(f"JPEG frames of {width}x{height} do not fit in memory") from None
     video = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # (N, 3, H, W), channels-last memory
-    if rng is not None:
-        view = _choose_view(cfg, height, width, rng)
-        if view.flip:
-            label = flip_label(label) if label >= 0 else label
-    elif not cut:
+    if rng is None and not cut:
         view = ClipView(center_box(height, width), False)  # the one view of plain validation
     if not cut:
         return dict(frames=_take(video, picks[0], row), view=view), label
