@@ -129,3 +129,17 @@ def test_the_loader_gives_the_same_batches_with_and_without_regions(synthetic_sh
         assert len(made[0]) == len(made[1]) > 0
         for (keys, labels, clips), (keys_whole, labels_whole, clips_whole) in zip(*made):
             assert keys == keys_whole and labels == labels_whole and torch.equal(clips, clips_whole)
+
+
+def test_without_the_library_whole_frames_are_decoded(monkeypatch):
+    """Where the turbojpeg wheel is missing (``region_decoder()`` None), ``region_decode: true``
+    decodes whole frames: the device gets them whole, and the clip is the same."""
+    from fusion.data import region
+
+    frames = [simplejpeg.encode_jpeg(textured_frame(120, 160, seed), quality=85, colorsubsampling="420") for seed in range(4)]
+    cfg, sampling = DataConfig(crop_size=32, region_decode=True), Sampling(stored=4, frames=4)
+    with_regions, _ = decode_clip(clip_sample(frames), sampling, cfg, random.Random(5), True)
+    monkeypatch.setattr(region, "region_decoder", lambda: None)
+    whole, _ = decode_clip(clip_sample(frames), sampling, cfg, random.Random(5), True, cut=False)
+    assert tuple(whole["frames"].shape) == (4, 3, 120, 160)
+    assert torch.equal(decode_clip(clip_sample(frames), sampling, cfg, random.Random(5), True)[0], with_regions)
