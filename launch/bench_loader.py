@@ -14,8 +14,8 @@ references measured on the same clips in the same run:
 
 The loader decodes only the region of a frame around a training clip's crop
 (``data.region_decode``, :mod:`fusion.data.region`), and one row times its decode-only process
-decoding whole frames, as the floor does. The loader is timed in its three modes: the crop in the workers (the default), the crop on
-the device (``data.resize_on: device``: a loader process only decodes) and the decode on the
+decoding whole frames, as the floor does. The loader is timed in its three modes: the crop in
+the workers (the default), the crop on the device (``data.resize_on: device``: a loader process only decodes) and the decode on the
 device (``data.decode: gpu``: a loader process only reads and picks the frames' bytes); for
 the last two, one row times the loader process's own work, without the device's. One more
 row times the decode-only process with simplejpeg's decode stubbed out (it returns its buffer
@@ -36,8 +36,8 @@ ratios over the rounds, ``rounds`` their range. Figures are ratios, not asserts.
 
 The floor's bytes are in this process's memory; the loader reads its shards. Where the
 kernel reclaims page cache left unread for a while (this project's CI machine, a VM with
-DAMON's proactive ``pageout``, dropped a tenth of the warmed demo shards, a quarter of one of them, within a run),
-the loader then waits for the disk: ``--in-memory`` times a copy of the shards in tmpfs, and
+DAMON's proactive ``pageout``, had dropped a tenth of the demo shards, a quarter of one, a few
+minutes after they were warmed and read), the loader then waits for the disk: ``--in-memory`` times a copy of the shards in tmpfs, and
 the run names every one-process path whose CPU time falls short of its wall time.
 """
 

@@ -3,8 +3,8 @@
 A training crop covers 43 % of a stored SSv2-sized frame on average (58-100 % of its rows,
 33-75 % of its columns), and the loader used to decode whole frames, then cut. libjpeg-turbo 3
 decodes a region (``tj3SetCroppingRegion``): the entropy decoding still runs over every block
-above and below, but the inverse DCT, the chroma upsampling and the colour conversion only
-over the region's columns and rows. simplejpeg 1.9 does not expose it, so this module calls
+above it, but the inverse DCT, the chroma upsampling and the colour conversion only over the
+region's columns and rows, and the rows below are not read. simplejpeg 1.9 does not expose it, so this module calls
 the libturbojpeg 3.0 that the ``turbojpeg`` wheel bundles (its own Python API has no cropping)
 through ctypes: measured on the demo's textured shards with their training crops, 0.69-0.87x
 of the time of the same library's whole-frame decode (README, "Loader speed").
@@ -12,7 +12,7 @@ of the time of the same library's whole-frame decode (README, "Loader speed").
 Exactness: the region asked of libjpeg-turbo is the crop box widened by :data:`MARGIN` pixels
 on every side (its left edge further down to a multiple of :data:`BLOCK_COLUMNS`, which the
 library requires): at the region's own edges the chroma upsampling sees an image edge and
-the pixels there differ from a whole-frame decode, never inside. ``tests/test_data.py`` checks
+the pixels there differ from a whole-frame decode, never inside. ``tests/test_region.py`` checks
 the box's pixels against simplejpeg's whole frame for every subsampling.
 
 Damage: libjpeg-turbo reads every row above a region to reach it, and data that ends or breaks
